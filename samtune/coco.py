@@ -1,0 +1,250 @@
+"""Reading and checking a COCO instance-segmentation annotation file.
+
+Everything that can be found wrong without decoding pixels is found here, when
+the data set is opened, so that a bad sample never stops a run mid-epoch.
+Each error names the file, the image or annotation id, and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+from pycocotools import mask as mask_utils
+
+from samtune.images import ImageReadError, displayed_size, probe
+
+logger = logging.getLogger(__name__)
+
+SKIP_REASONS = {
+    "zero_area": "zero-area masks",
+    "degenerate": "degenerate geometry (polygons with fewer than 3 points)",
+    "crowd": "crowd annotations (kept as ignore regions, not prompts)",
+}
+
+
+class CocoFormatError(ValueError):
+    """The annotation file or an image it names is not usable; the message says where and why."""
+
+
+@dataclass
+class CocoInstance:
+    annotation_id: int
+    category_id: int
+    rle: dict  # compressed RLE in the annotation frame (the JSON's height x width)
+    area: int
+
+
+@dataclass
+class CocoImage:
+    image_id: int
+    file_name: str
+    path: Path
+    width: int  # as the JSON states: the frame the annotations are drawn in
+    height: int
+    orientation: int = 1  # EXIF orientation of the file
+    annotations_on_stored_pixels: bool = False  # JSON size is the un-rotated file size
+    instances: list[CocoInstance] = field(default_factory=list)
+    crowd: list[dict] = field(default_factory=list)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the upright image a loader returns."""
+        if self.annotations_on_stored_pixels:
+            width, height = displayed_size(self.width, self.height, self.orientation)
+            return height, width
+        return self.height, self.width
+
+
+def _load_json(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise CocoFormatError(f"{path}: cannot read annotation file: {error}") from error
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CocoFormatError(
+            f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}"
+        ) from error
+    if not isinstance(data, dict):
+        raise CocoFormatError(f"{path}: top level must be a JSON object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise CocoFormatError(f"{path}: missing required list '{key}'")
+    return data
+
+
+def _require(path: Path, what: str, entry: object, keys: dict[str, type | tuple[type, ...]]) -> None:
+    if not isinstance(entry, dict):
+        raise CocoFormatError(f"{path}: {what} is not an object: {entry!r:.80}")
+    where = f"{what} id {entry['id']}" if "id" in entry else what
+    for key, kind in keys.items():
+        if key not in entry:
+            raise CocoFormatError(f"{path}: {where} is missing required key '{key}'")
+        value = entry[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CocoFormatError(f"{path}: {where} has '{key}' = {value!r:.80}, expected {kind}")
+
+
+def _safe_relative(path: Path, image_id: int, file_name: str) -> PurePosixPath:
+    relative = PurePosixPath(file_name.replace("\\", "/"))
+    if relative.is_absolute() or PureWindowsPath(file_name).drive or ".." in relative.parts:
+        raise CocoFormatError(
+            f"{path}: image id {image_id}: file_name {file_name!r} escapes the image folder "
+            "(absolute paths and '..' are not allowed)"
+        )
+    return relative
+
+
+def _segmentation_rle(path: Path, ann: dict, height: int, width: int) -> tuple[dict | None, bool]:
+    """Compressed RLE of an annotation's segmentation in a height x width frame (None if degenerate),
+    and whether its polygons reach outside the image (pycocotools clips them)."""
+    seg = ann["segmentation"]
+    where = f"{path}: annotation id {ann['id']} (image id {ann['image_id']})"
+    if isinstance(seg, list):
+        polygons = []
+        for polygon in seg:
+            if not isinstance(polygon, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in polygon
+            ):
+                raise CocoFormatError(f"{where}: polygon must be a flat list of numbers")
+            if len(polygon) % 2:
+                raise CocoFormatError(f"{where}: polygon has an odd number of coordinates ({len(polygon)})")
+            if len(polygon) >= 6:  # pycocotools reads a 4-number list as a box, not a polygon
+                polygons.append([float(v) for v in polygon])
+        if not polygons:
+            return None, False
+        xs = [v for p in polygons for v in p[0::2]]
+        ys = [v for p in polygons for v in p[1::2]]
+        outside = min(xs) < 0 or min(ys) < 0 or max(xs) > width or max(ys) > height
+        return mask_utils.merge(mask_utils.frPyObjects(polygons, height, width)), outside
+    if isinstance(seg, dict):
+        size = seg.get("size")
+        if "counts" not in seg or not isinstance(size, list) or len(size) != 2:
+            raise CocoFormatError(f"{where}: RLE segmentation needs 'size' [height, width] and 'counts'")
+        if list(size) != [height, width]:
+            raise CocoFormatError(
+                f"{where}: RLE size {size} does not match the image's height x width [{height}, {width}]"
+            )
+        if isinstance(seg["counts"], list):
+            if sum(seg["counts"]) != height * width:
+                raise CocoFormatError(
+                    f"{where}: uncompressed RLE counts sum to {sum(seg['counts'])}, expected {height * width}"
+                )
+            return mask_utils.frPyObjects(seg, height, width), False
+        if isinstance(seg["counts"], str):
+            return {"size": [height, width], "counts": seg["counts"].encode("ascii")}, False
+        raise CocoFormatError(f"{where}: RLE 'counts' must be a list or a string")
+    raise CocoFormatError(f"{where}: segmentation must be a list of polygons or an RLE object")
+
+
+class CocoIndex:
+    """A checked, in-memory index of a COCO instance-segmentation file.
+
+    ``check_images`` reads every image header once (no pixel decoding) to check that
+    the file exists, is an image, and has the size the JSON states.
+    """
+
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, check_images: bool = True) -> None:
+        self.annotation_file = Path(annotation_file)
+        self.image_dir = Path(image_dir)
+        data = _load_json(self.annotation_file)
+        path = self.annotation_file
+        self.skipped: Counter = Counter()
+
+        self.categories: dict[int, str] = {}
+        for category in data["categories"]:
+            _require(path, "category", category, {"id": int, "name": str})
+            if category["id"] in self.categories:
+                raise CocoFormatError(f"{path}: category id {category['id']} appears twice")
+            self.categories[category["id"]] = category["name"]
+
+        self.images: list[CocoImage] = []
+        by_id: dict[int, CocoImage] = {}
+        for entry in data["images"]:
+            _require(path, "image", entry, {"id": int, "file_name": str, "width": int, "height": int})
+            image_id = entry["id"]
+            if image_id in by_id:
+                raise CocoFormatError(f"{path}: image id {image_id} appears twice")
+            if entry["width"] <= 0 or entry["height"] <= 0:
+                raise CocoFormatError(f"{path}: image id {image_id} has a non-positive width or height")
+            relative = _safe_relative(path, image_id, entry["file_name"])
+            image = CocoImage(image_id, entry["file_name"], self.image_dir / relative, entry["width"], entry["height"])
+            if check_images:
+                self._check_file(image)
+            by_id[image_id] = image
+            self.images.append(image)
+
+        seen: set[int] = set()
+        for ann in data["annotations"]:
+            _require(path, "annotation", ann, {"id": int, "image_id": int, "category_id": int})
+            if "segmentation" not in ann:
+                raise CocoFormatError(f"{path}: annotation id {ann['id']} is missing required key 'segmentation'")
+            if ann["id"] in seen:
+                raise CocoFormatError(f"{path}: annotation id {ann['id']} appears twice")
+            seen.add(ann["id"])
+            image = by_id.get(ann["image_id"])
+            if image is None:
+                raise CocoFormatError(
+                    f"{path}: annotation id {ann['id']} refers to image id {ann['image_id']}, which does not exist"
+                )
+            if ann["category_id"] not in self.categories:
+                raise CocoFormatError(
+                    f"{path}: annotation id {ann['id']} (image id {ann['image_id']}) refers to "
+                    f"category id {ann['category_id']}, which does not exist"
+                )
+            rle, outside = _segmentation_rle(path, ann, image.height, image.width)
+            if rle is None:
+                self.skipped["degenerate"] += 1
+                continue
+            if ann.get("iscrowd", 0):
+                self.skipped["crowd"] += 1
+                image.crowd.append(rle)
+                continue
+            area = int(mask_utils.area(rle))
+            if area == 0:
+                self.skipped["zero_area"] += 1
+                continue
+            self.skipped["clipped"] += outside
+            image.instances.append(CocoInstance(ann["id"], ann["category_id"], rle, area))
+        logger.info(self.summary())
+
+    def _check_file(self, image: CocoImage) -> None:
+        where = f"{self.annotation_file}: image id {image.image_id} ({image.path})"
+        if not image.path.is_file():
+            raise CocoFormatError(f"{where}: image file is missing")
+        try:
+            stored_w, stored_h, orientation = probe(image.path)
+        except ImageReadError as error:
+            raise CocoFormatError(f"{where}: {error}") from error
+        image.orientation = orientation
+        shown_w, shown_h = displayed_size(stored_w, stored_h, orientation)
+        if (image.width, image.height) == (shown_w, shown_h):
+            return
+        if (image.width, image.height) == (stored_w, stored_h):
+            image.annotations_on_stored_pixels = True
+            return
+        raise CocoFormatError(
+            f"{where}: file is {shown_w}x{shown_h} once upright (stored {stored_w}x{stored_h}, EXIF orientation "
+            f"{orientation}) but the JSON says width x height = {image.width}x{image.height}"
+        )
+
+    @property
+    def num_instances(self) -> int:
+        return sum(len(image.instances) for image in self.images)
+
+    def summary(self) -> str:
+        empty = sum(1 for image in self.images if not image.instances)
+        parts = [f"{count} {SKIP_REASONS[key]}" for key, count in sorted(self.skipped.items()) if key in SKIP_REASONS]
+        line = (
+            f"{self.annotation_file}: {len(self.images)} images ({empty} without instances), "
+            f"{self.num_instances} instances, {len(self.categories)} categories; "
+            f"skipped: {', '.join(parts) or 'none'}"
+        )
+        if self.skipped["clipped"]:
+            line += f"; clipped to the image: {self.skipped['clipped']} polygons"
+        return line
