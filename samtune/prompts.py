@@ -61,9 +61,13 @@ def jitter_box(box: np.ndarray, fraction: float, rng: np.random.Generator, heigh
 
 
 def farthest_interior_point(mask: np.ndarray) -> np.ndarray:
-    """The mask pixel farthest from the mask's boundary (the image border counts as boundary)."""
+    """The mask pixel farthest from the mask's boundary (the image border counts as boundary).
+
+    Ties (a strip, a rectangle) go to the tied pixel nearest their centroid, so the point is central.
+    """
     distance = distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
+    tied = np.argwhere(distance == distance.max())
+    row, col = tied[np.argmin(((tied - tied.mean(axis=0)) ** 2).sum(axis=1))]
     return np.array([col, row], dtype=np.float32)
 
 

@@ -1,0 +1,71 @@
+"""Scoring a model on a data loader: per-instance IoU / F1 at original resolution, aggregated once per instance."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from samtune.metrics import instance_iou_f1
+
+PROMPT_KEYS = ("input_boxes", "input_points", "input_labels")
+
+
+def sam_forward(model, batch: dict, multimask_output: bool = False):
+    """One image-encoder pass per image, one decoder query per (padded) instance."""
+    inputs = {key: batch[key] for key in PROMPT_KEYS if key in batch}
+    return model(pixel_values=batch["pixel_values"], multimask_output=multimask_output, **inputs)
+
+
+@torch.no_grad()
+def score_batch(outputs, batch: dict, processor) -> list[dict]:
+    """Per-instance records for the valid instances of one evaluation batch."""
+    logits = outputs.pred_masks[:, :, 0].float()
+    masks = processor.post_process_masks(
+        logits[:, :, None].cpu(), batch["original_sizes"].cpu(), batch["reshaped_input_sizes"].cpu()
+    )
+    records = []
+    for row, predicted in enumerate(masks):
+        valid = batch["valid"][row].cpu()
+        count = int(valid.sum())
+        iou, f1 = instance_iou_f1(predicted[:count, 0], batch["masks"][row].cpu(), batch["ignore_full"][row].cpu())
+        for k in range(count):
+            records.append(
+                {
+                    "image_id": int(batch["image_id"][row]),
+                    "annotation_id": int(batch["annotation_ids"][row, k]),
+                    "category_id": int(batch["category_ids"][row, k]),
+                    "iou": float(iou[k]),
+                    "f1": float(f1[k]),
+                }
+            )
+    return records
+
+
+def aggregate(records: list[dict], categories: dict[int, str] | None = None) -> dict:
+    """mIoU / mF1 over instances, image-averaged variants, and per category; each instance counted once."""
+    unique = {(r["image_id"], r["annotation_id"]): r for r in records}.values()
+    if not unique:
+        return {"mIoU": float("nan"), "mF1": float("nan"), "num_instances": 0, "num_images": 0}
+    per_image, per_category = defaultdict(list), defaultdict(list)
+    for r in unique:
+        per_image[r["image_id"]].append(r)
+        per_category[r["category_id"]].append(r)
+    names = categories or {}
+    return {
+        "mIoU": float(np.mean([r["iou"] for r in unique])),
+        "mF1": float(np.mean([r["f1"] for r in unique])),
+        "mIoU_image": float(np.mean([np.mean([r["iou"] for r in rs]) for rs in per_image.values()])),
+        "mF1_image": float(np.mean([np.mean([r["f1"] for r in rs]) for rs in per_image.values()])),
+        "per_category": {
+            names.get(cat, str(cat)): {
+                "mIoU": float(np.mean([r["iou"] for r in rs])),
+                "mF1": float(np.mean([r["f1"] for r in rs])),
+                "count": len(rs),
+            }
+            for cat, rs in sorted(per_category.items())
+        },
+        "num_instances": len(unique),
+        "num_images": len(per_image),
+    }
