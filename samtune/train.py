@@ -35,7 +35,7 @@ logger = logging.getLogger("samtune.train")
 
 
 def fill_demo_defaults(config: Config) -> None:
-    """Point empty model / data keys at the built-in demo."""
+    """Point empty model / data keys at the built-in demo (demo validation data only with demo training data)."""
     if config.model.name_or_path and config.data.train_annotations:
         return
     demo = prepare_demo()
@@ -43,7 +43,8 @@ def fill_demo_defaults(config: Config) -> None:
         config.model.name_or_path = str(demo.model)
     if not config.data.train_annotations:
         config.data.train_annotations, config.data.train_images = str(demo.train_annotations), str(demo.train_images)
-        config.data.val_annotations, config.data.val_images = str(demo.val_annotations), str(demo.val_images)
+        if not config.data.val_annotations:
+            config.data.val_annotations, config.data.val_images = str(demo.val_annotations), str(demo.val_images)
 
 
 def build_loaders(config: Config, processor):
