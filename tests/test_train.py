@@ -52,3 +52,18 @@ def test_train_runs_and_writes_a_loadable_run_folder(tmp_path, tiny_sam_dir):
     dec = "mask_decoder.iou_prediction_head.proj_out.weight"
     assert torch.equal(before.state_dict()[enc], after.state_dict()[enc])
     assert not torch.equal(before.state_dict()[dec], after.state_dict()[dec])
+
+
+def test_demo_fills_only_what_is_missing(tmp_path, monkeypatch):
+    from samtune.config import load_config
+    from samtune.train import fill_demo_defaults
+
+    monkeypatch.setenv("SAMTUNE_CACHE", str(tmp_path / "cache"))
+    config = load_config(overrides={"data.val_annotations": "mine.json", "data.val_images": "imgs"})
+    fill_demo_defaults(config)
+    assert config.data.val_annotations == "mine.json"  # the user's validation split is kept
+    assert config.data.train_annotations.endswith("train/annotations.json")
+    assert (tmp_path / "cache").is_dir() and config.model.name_or_path.startswith(str(tmp_path / "cache"))
+    own = load_config(overrides={"data.train_annotations": "t.json", "data.train_images": "imgs"})
+    fill_demo_defaults(own)
+    assert own.data.val_annotations == ""  # no demo validation data next to the user's training data
