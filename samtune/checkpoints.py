@@ -1,0 +1,179 @@
+"""Original segment-anything checkpoints (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``)
+as Meta, MedSAM, SlimSAM and others publish them, read safely into ``SamModel``.
+
+The architecture (ViT-B/L/H, SlimSAM widths, window / global layout, input size) is read off the
+tensor shapes, so no size has to be named.
+
+    python -m samtune.checkpoints sam_vit_b_01ec64.pth out/sam-vit-b   # convert once, to a SamModel folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import torch
+from transformers import (
+    SamConfig,
+    SamImageProcessorPil,
+    SamMaskDecoderConfig,
+    SamModel,
+    SamProcessor,
+    SamPromptEncoderConfig,
+    SamVisionConfig,
+)
+
+# Renames from the original module tree to transformers' (applied in order, as substrings).
+_RENAMES = [
+    ("image_encoder.", "vision_encoder."),
+    (".blocks.", ".layers."),
+    ("patch_embed.proj.", "patch_embed.projection."),
+    (".norm1.", ".layer_norm1."),
+    (".norm2.", ".layer_norm2."),
+    ("neck.0.", "neck.conv1."),
+    ("neck.1.", "neck.layer_norm1."),
+    ("neck.2.", "neck.conv2."),
+    ("neck.3.", "neck.layer_norm2."),
+    ("mask_downscaling.0.", "mask_embed.conv1."),
+    ("mask_downscaling.1.", "mask_embed.layer_norm1."),
+    ("mask_downscaling.3.", "mask_embed.conv2."),
+    ("mask_downscaling.4.", "mask_embed.layer_norm2."),
+    ("mask_downscaling.6.", "mask_embed.conv3."),
+    ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
+    (
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+        "prompt_encoder.shared_embedding.positional_embedding",
+    ),
+    ("output_upscaling.0.", "upscale_conv1."),
+    ("output_upscaling.1.", "upscale_layer_norm."),
+    ("output_upscaling.3.", "upscale_conv2."),
+    (".norm_final_attn.", ".layer_norm_final_attn."),
+]
+# Three-layer MLPs (IoU head, hypernetworks): layers.0 / 1 / 2 -> proj_in / layers.0 / proj_out.
+_MLP = re.compile(r"(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.(\d+)\.")
+# Decoder transformer norms: norm1..norm4 -> layer_norm1..4.
+_DECODER_NORM = re.compile(r"(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.")
+
+
+def is_original_checkpoint(path: str) -> bool:
+    return Path(path).is_file() and Path(path).suffix in (".pth", ".pt", ".bin", ".ckpt")
+
+
+def _rename(key: str, mlp_depth: int) -> str:
+    for old, new in _RENAMES:
+        key = key.replace(old, new)
+    key = _DECODER_NORM.sub(r"\1.layer_norm\2.", key)
+
+    def mlp(match: re.Match) -> str:
+        index = int(match.group(2))
+        name = "proj_in" if index == 0 else "proj_out" if index == mlp_depth - 1 else f"layers.{index - 1}"
+        return f"{match.group(1)}.{name}."
+
+    return _MLP.sub(mlp, key)
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor]) -> SamConfig:
+    """Infer a SamConfig from original-format tensor shapes."""
+    patch = state["image_encoder.patch_embed.proj.weight"]
+    hidden, patch_size = patch.shape[0], patch.shape[-1]
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
+    rel = [state[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
+    head_dim = rel[0].shape[1]
+    sizes = [(r.shape[0] + 1) // 2 for r in rel]
+    grid = max(sizes)
+    window = min(sizes)
+    global_layers = [i for i, s in enumerate(sizes) if s == grid and s != window]
+    neck = state["image_encoder.neck.0.weight"]
+    mlp_dim = state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]
+    prompt_hidden = state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].shape[1] * 2
+    decoder_layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.transformer.layers."))
+    vision = SamVisionConfig(
+        hidden_size=hidden,
+        output_channels=neck.shape[0],
+        num_hidden_layers=depth,
+        num_attention_heads=hidden // head_dim,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        window_size=window,
+        global_attn_indexes=global_layers,
+        mlp_dim=mlp_dim,
+        num_pos_feats=prompt_hidden // 2,
+    )
+    prompt = SamPromptEncoderConfig(
+        hidden_size=prompt_hidden,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        mask_input_channels=state["prompt_encoder.mask_downscaling.3.weight"].shape[0],
+    )
+    decoder = SamMaskDecoderConfig(
+        hidden_size=prompt_hidden,
+        mlp_dim=state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+        num_hidden_layers=decoder_layers,
+        iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        iou_head_depth=1
+        + max(int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.iou_prediction_head.layers.")),
+    )
+    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], mlp_depth: int = 3) -> dict[str, torch.Tensor]:
+    state = {k: v for k, v in state.items() if k not in ("pixel_mean", "pixel_std")}
+    out = {_rename(k, mlp_depth): v for k, v in state.items()}
+    # SamModel keeps one copy of the positional encoding at the top level as well.
+    out["shared_image_embedding.positional_embedding"] = out["prompt_encoder.shared_embedding.positional_embedding"]
+    return out
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors only: ``weights_only=True`` refuses pickled code; safetensors files are read as such."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def load_original_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> tuple[SamModel, SamProcessor]:
+    state = read_state_dict(path)
+    if "image_encoder.patch_embed.proj.weight" not in state:
+        raise ValueError(f"{path}: not a segment-anything checkpoint (no image_encoder.patch_embed.proj.weight)")
+    config = config_from_state_dict(state)
+    config._attn_implementation = attn_implementation
+    model = SamModel(config)
+    missing, unexpected = model.load_state_dict(
+        convert_state_dict(state, config.mask_decoder_config.iou_head_depth), strict=False
+    )
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit SamModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    size = config.vision_config.image_size
+    mask = 4 * (size // config.vision_config.patch_size)
+    processor = SamProcessor(
+        SamImageProcessorPil(
+            size={"longest_edge": size},
+            pad_size={"height": size, "width": size},
+            mask_size={"longest_edge": mask},
+            mask_pad_size={"height": mask, "width": mask},
+        )
+    )
+    return model.eval(), processor
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Convert an original segment-anything checkpoint to a SamModel folder")
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("output", type=Path)
+    args = parser.parse_args(argv)
+    model, processor = load_original_checkpoint(args.checkpoint)
+    model.save_pretrained(args.output)
+    processor.save_pretrained(args.output)
+    print(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()
