@@ -23,12 +23,33 @@ def knob(default, help: str):  # noqa: A002 - "help" reads best at the call site
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = knob("", "hub id or local folder in SamModel format; empty: the built-in demo model")
+    name_or_path: str = knob(
+        "", "hub id, local SamModel folder, or original segment-anything .pth; empty: the built-in demo model"
+    )
+    attn_implementation: str = knob("sdpa", "attention kernel: sdpa or eager")
+    dtype: str = knob("float32", "dtype the weights load in: float32, bfloat16, float16 or auto")
+    gradient_checkpointing: bool = knob(False, "recompute image-encoder activations in backward to save memory")
 
 
 @dataclass
 class PeftConfig:
-    method: str = knob("decoder", "what trains: decoder (mask decoder only), full (every weight), none (zero-shot)")
+    method: str = knob(
+        "dora",
+        "what trains: lora, dora, qlora, qdora (adapters on a 4-bit base), full (every weight), "
+        "decoder (the mask decoder only), none (zero-shot)",
+    )
+    rank: int = knob(8, "adapter rank r")
+    alpha: float = knob(16.0, "adapter scale alpha (the update is scaled by alpha / r)")
+    dropout: float = knob(0.05, "dropout on the adapter input")
+    targets: str = knob(
+        "peft-sam",
+        "layers that get adapters: a preset (encoder-attn, encoder-attn-mlp, decoder-attn, all-linear, peft-sam) "
+        "or a regex matching whole module names",
+    )
+    train_modules: list[str] = knob(
+        [], "modules trained fully beside adapters (comma-separated names, or the preset decoder-heads)"
+    )
+    bits: int = knob(4, "base precision for qlora / qdora (4; 8-bit bases are refused, see the README)")
 
 
 @dataclass

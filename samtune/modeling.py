@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import SamModel, SamProcessor
 
 from samtune.checkpoints import is_original_checkpoint, load_original_checkpoint
+from samtune.config import ModelConfig, PeftConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,30 +42,11 @@ TRAIN_MODULE_PRESETS = {
 }
 
 
-@dataclass
-class ModelSpec:
-    name_or_path: str
-    attn_implementation: str = "sdpa"
-    dtype: str = "float32"
-    gradient_checkpointing: bool = False
-
-
-@dataclass
-class PeftSpec:
-    method: str = "dora"
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    targets: str = "peft-sam"
-    train_modules: list[str] = field(default_factory=list)
-    bits: int = 4
-
-
 class ModelConfigError(ValueError):
     """A model / method combination that cannot work, caught before any weight is loaded."""
 
 
-def check_spec(spec: PeftSpec) -> None:
+def check_peft_config(spec: PeftConfig) -> None:
     """Refuse, with the reason, combinations known not to work."""
     if spec.method not in METHODS:
         raise ModelConfigError(f"peft.method must be one of {METHODS}, got {spec.method!r}")
@@ -118,7 +99,7 @@ def _disable_cpu_bf16_kernels(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_sam(spec: ModelSpec, quantise_bits: int = 0) -> tuple[SamModel, SamProcessor]:
+def load_sam(spec: ModelConfig, quantise_bits: int = 0) -> tuple[SamModel, SamProcessor]:
     """Model and processor from one hub id, local SamModel folder, or original segment-anything checkpoint.
 
     ``quantise_bits`` 4 or 8 loads the base through bitsandbytes (0: full precision).
@@ -186,9 +167,9 @@ def train_module_names(model: torch.nn.Module, names: list[str]) -> list[str]:
     return out
 
 
-def apply_method(model: SamModel, spec: PeftSpec, gradient_checkpointing: bool = False) -> torch.nn.Module:
+def apply_method(model: SamModel, spec: PeftConfig, gradient_checkpointing: bool = False) -> torch.nn.Module:
     """Freeze / wrap ``model`` for the method; returns the model to train (a PeftModel for adapters)."""
-    check_spec(spec)
+    check_peft_config(spec)
     if spec.method in QUANTISED_METHODS:
         from peft import prepare_model_for_kbit_training
 
@@ -215,12 +196,12 @@ def apply_method(model: SamModel, spec: PeftSpec, gradient_checkpointing: bool =
     return get_peft_model(model, lora)
 
 
-def build_model(model_spec: ModelSpec, peft_spec: PeftSpec) -> tuple[torch.nn.Module, SamProcessor]:
+def build_model(model_config: ModelConfig, peft_config: PeftConfig) -> tuple[torch.nn.Module, SamProcessor]:
     """Config -> (model ready to train, processor)."""
-    check_spec(peft_spec)
-    bits = peft_spec.bits if peft_spec.method in QUANTISED_METHODS else 0
-    model, processor = load_sam(model_spec, quantise_bits=bits)
-    return apply_method(model, peft_spec, model_spec.gradient_checkpointing), processor
+    check_peft_config(peft_config)
+    bits = peft_config.bits if peft_config.method in QUANTISED_METHODS else 0
+    model, processor = load_sam(model_config, quantise_bits=bits)
+    return apply_method(model, peft_config, model_config.gradient_checkpointing), processor
 
 
 def base_model(model: torch.nn.Module) -> SamModel:
@@ -266,7 +247,7 @@ def is_adapter_folder(folder: str | Path) -> bool:
 
 def load_trained(base: str | Path, adapter: str | Path | None = None, attn_implementation: str = "sdpa"):
     """A trained model for inference: base SamModel (+ adapter folder), in full precision."""
-    model, processor = load_sam(ModelSpec(str(base), attn_implementation=attn_implementation))
+    model, processor = load_sam(ModelConfig(str(base), attn_implementation=attn_implementation))
     if adapter:
         from peft import PeftModel
 

@@ -28,7 +28,7 @@ from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
 from samtune.demo import prepare_demo
 from samtune.evaluation import aggregate, sam_forward, score_batch
 from samtune.losses import InstanceLoss
-from samtune.modeling import format_report, load_sam, parameter_report, select_trainable
+from samtune.modeling import build_model, format_report, parameter_report, save_trained
 from samtune.prompts import PromptConfig
 
 logger = logging.getLogger("samtune.train")
@@ -106,15 +106,19 @@ def main(argv: list[str] | None = None) -> dict:
         save_config(config, out / "config.yaml")
     set_seed(config.train.seed)
 
-    model, processor = load_sam(config.model.name_or_path)
-    select_trainable(model, config.peft.method)
+    model, processor = build_model(config.model, config.peft)
     report = parameter_report(model)
-    logger.info("parameters (%s):\n%s", config.peft.method, format_report(report))
+    logger.info("parameters (%s, targets %s):\n%s", config.peft.method, config.peft.targets, format_report(report))
+    if accelerator.is_main_process:
+        (out / "parameters.json").write_text(json.dumps(report, indent=2))
     with accelerator.main_process_first():
         train_set, train_loader, val_loader, categories = build_loaders(config, processor)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    # an optimizer needs at least one tensor; with nothing to train it never steps
+    optimizer = torch.optim.AdamW(
+        trainable or [torch.zeros(1)], lr=config.train.lr, weight_decay=config.train.weight_decay
+    )
     steps_per_epoch = math.ceil(len(train_loader) / config.train.grad_accum)
     total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
     scheduler = get_scheduler(
@@ -136,6 +140,9 @@ def main(argv: list[str] | None = None) -> dict:
             "before training: val mIoU %.4f mF1 %.4f", results["zero_shot"]["mIoU"], results["zero_shot"]["mF1"]
         )
     step, epoch = 0, 0
+    if not trainable:
+        logger.info("nothing trains (peft.method %s): evaluating only", config.peft.method)
+        total_steps = 0
     progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
     model.train()
     while step < total_steps:
@@ -178,9 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        final = out / "final"
-        accelerator.unwrap_model(model).save_pretrained(final)
-        processor.save_pretrained(final)
+        final = save_trained(accelerator.unwrap_model(model), processor, out / "final")
         (out / "results.json").write_text(json.dumps({"parameters": report, **results}, indent=2))
         logger.info("saved %s", final)
     accelerator.end_training()

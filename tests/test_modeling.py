@@ -9,12 +9,11 @@ import torch
 from peft import PeftModel
 from transformers import SamModel
 
+from samtune.config import ModelConfig, PeftConfig
 from samtune.modeling import (
     ModelConfigError,
-    ModelSpec,
-    PeftSpec,
     build_model,
-    check_spec,
+    check_peft_config,
     load_trained,
     merge_adapter,
     save_trained,
@@ -72,7 +71,7 @@ def _expected_lora_modules(model, targets):
 
 @pytest.mark.parametrize("method", ["full", "decoder", "none"])
 def test_plain_methods_train_exactly_their_weights(tiny_sam_dir, method):
-    model, _ = build_model(ModelSpec(str(tiny_sam_dir)), PeftSpec(method=method))
+    model, _ = build_model(ModelConfig(str(tiny_sam_dir)), PeftConfig(method=method))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     everything = {n for n, _ in model.named_parameters()}
     expected = {
@@ -86,7 +85,7 @@ def test_plain_methods_train_exactly_their_weights(tiny_sam_dir, method):
 @pytest.mark.parametrize("targets", ["peft-sam", "encoder-attn", "encoder-attn-mlp", "decoder-attn", "all-linear"])
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_adapters_sit_exactly_on_the_preset_targets(tiny_sam_dir, tiny_sam, method, targets):
-    model, _ = build_model(ModelSpec(str(tiny_sam_dir)), PeftSpec(method=method, targets=targets))
+    model, _ = build_model(ModelConfig(str(tiny_sam_dir)), PeftConfig(method=method, targets=targets))
     trainable = {_clean(n) for n, p in model.named_parameters() if p.requires_grad}
     adapted = {n.split(".lora_")[0] for n in trainable}
     assert adapted == _expected_lora_modules(tiny_sam, targets)
@@ -104,8 +103,8 @@ def test_bare_names_and_bad_regexes_are_refused(tiny_sam):
 
 
 def test_train_modules_beside_adapters(tiny_sam_dir):
-    spec = PeftSpec(method="lora", targets="encoder-attn", train_modules=["decoder-heads"])
-    model, _ = build_model(ModelSpec(str(tiny_sam_dir)), spec)
+    spec = PeftConfig(method="lora", targets="encoder-attn", train_modules=["decoder-heads"])
+    model, _ = build_model(ModelConfig(str(tiny_sam_dir)), spec)
     trainable = {_clean(n) for n, p in model.named_parameters() if p.requires_grad}
     full = {n for n in trainable if ".lora_" not in n}
     assert full and all(".modules_to_save." in n for n in full)
@@ -114,25 +113,25 @@ def test_train_modules_beside_adapters(tiny_sam_dir):
         f"mask_decoder.output_hypernetworks_mlps.{i}" for i in range(4)
     }
     with pytest.raises(ModelConfigError, match="no module named 'mask_decoder.nothing'"):
-        build_model(ModelSpec(str(tiny_sam_dir)), PeftSpec(method="lora", train_modules=["mask_decoder.nothing"]))
+        build_model(ModelConfig(str(tiny_sam_dir)), PeftConfig(method="lora", train_modules=["mask_decoder.nothing"]))
 
 
 def test_unworkable_combinations_are_refused_up_front():
     with pytest.raises(ModelConfigError, match="8-bit"):
-        check_spec(PeftSpec(method="qdora", bits=8))
+        check_peft_config(PeftConfig(method="qdora", bits=8))
     with pytest.raises(ModelConfigError, match="8-bit bases are refused"):
-        check_spec(PeftSpec(method="qlora", bits=8))
+        check_peft_config(PeftConfig(method="qlora", bits=8))
     with pytest.raises(ModelConfigError, match="peft.bits must be 4 or 8"):
-        check_spec(PeftSpec(method="qlora", bits=2))
+        check_peft_config(PeftConfig(method="qlora", bits=2))
     with pytest.raises(ModelConfigError, match="peft.method must be one of"):
-        check_spec(PeftSpec(method="ia3"))
+        check_peft_config(PeftConfig(method="ia3"))
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full", "decoder"])
 def test_one_step_moves_only_trainable_weights_and_save_load_reproduces(tiny_sam_dir, tmp_path, method):
     model, processor = build_model(
-        ModelSpec(str(tiny_sam_dir)),
-        PeftSpec(method=method, train_modules=["decoder-heads"] if method == "lora" else []),
+        ModelConfig(str(tiny_sam_dir)),
+        PeftConfig(method=method, train_modules=["decoder-heads"] if method == "lora" else []),
     )
     inputs = _inputs(processor)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -165,7 +164,7 @@ def test_one_step_moves_only_trainable_weights_and_save_load_reproduces(tiny_sam
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 def test_merge_gives_a_plain_sammodel_with_the_same_outputs(tiny_sam_dir, tmp_path, method):
-    model, processor = build_model(ModelSpec(str(tiny_sam_dir)), PeftSpec(method=method, targets="all-linear"))
+    model, processor = build_model(ModelConfig(str(tiny_sam_dir)), PeftConfig(method=method, targets="all-linear"))
     inputs = _inputs(processor, seed=1)
     _step(model, inputs)
     _step(model, inputs)  # second step: lora_A moves too
@@ -192,8 +191,8 @@ def test_merge_gives_a_plain_sammodel_with_the_same_outputs(tiny_sam_dir, tmp_pa
 def test_quantised_adapters_train_evaluate_train_and_merge_into_full_precision(tiny_sam_dir, tmp_path, method, bits):
     import bitsandbytes as bnb
 
-    spec = PeftSpec(method=method, targets="encoder-attn-mlp", bits=bits)
-    model, processor = build_model(ModelSpec(str(tiny_sam_dir)), spec)
+    spec = PeftConfig(method=method, targets="encoder-attn-mlp", bits=bits)
+    model, processor = build_model(ModelConfig(str(tiny_sam_dir)), spec)
     layer = bnb.nn.Linear4bit if bits == 4 else bnb.nn.Linear8bitLt
     assert any(isinstance(m, layer) for m in model.modules())
     inputs = _inputs(processor, seed=2)

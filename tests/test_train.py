@@ -11,34 +11,28 @@ from samtune.synthetic import SyntheticSpec, make_synthetic_coco
 from samtune.train import main
 
 
-def test_train_runs_and_writes_a_loadable_run_folder(tmp_path, tiny_sam_dir):
+def _run(tmp_path, tiny_sam_dir, *extra):
     train = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=6, seed=1))
     val = make_synthetic_coco(tmp_path / "val", SyntheticSpec(num_images=3, seed=2))
     out = tmp_path / "run"
-    results = main(
-        [
-            "--model.name_or_path",
-            str(tiny_sam_dir),
-            "--data.train_annotations",
-            str(train[0]),
-            "--data.train_images",
-            str(train[1]),
-            "--data.val_annotations",
-            str(val[0]),
-            "--data.val_images",
-            str(val[1]),
-            "--data.num_workers",
-            "0",
-            "--train.max_steps",
-            "4",
-            "--train.log_every",
-            "2",
-            "--train.lr",
-            "1e-3",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    argv = {
+        "--model.name_or_path": str(tiny_sam_dir),
+        "--data.train_annotations": str(train[0]),
+        "--data.train_images": str(train[1]),
+        "--data.val_annotations": str(val[0]),
+        "--data.val_images": str(val[1]),
+        "--data.num_workers": "0",
+        "--train.max_steps": "4",
+        "--train.log_every": "2",
+        "--train.lr": "1e-3",
+        "--output_dir": str(out),
+    }
+    results = main([item for pair in argv.items() for item in pair] + list(extra))
+    return out, results
+
+
+def test_train_runs_and_writes_a_loadable_run_folder(tmp_path, tiny_sam_dir):
+    out, results = _run(tmp_path, tiny_sam_dir, "--peft.method", "decoder")
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 4 and saved["model"]["name_or_path"] == str(tiny_sam_dir)
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -67,3 +61,22 @@ def test_demo_fills_only_what_is_missing(tmp_path, monkeypatch):
     own = load_config(overrides={"data.train_annotations": "t.json", "data.train_images": "imgs"})
     fill_demo_defaults(own)
     assert own.data.val_annotations == ""  # no demo validation data next to the user's training data
+
+
+def test_adapter_run_saves_a_peft_folder(tmp_path, tiny_sam_dir):
+    from peft import PeftModel
+
+    out, results = _run(tmp_path, tiny_sam_dir, "--peft.method", "dora", "--peft.targets", "encoder-attn")
+    assert (out / "final" / "adapter_config.json").exists()
+    model = PeftModel.from_pretrained(SamModel.from_pretrained(tiny_sam_dir), out / "final")
+    magnitudes = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert magnitudes and all("vision_encoder" in n for n in magnitudes)
+    report = json.loads((out / "parameters.json").read_text())
+    assert 0 < report["vision_encoder"]["trainable"] < report["vision_encoder"]["total"]
+    assert report["mask_decoder"]["trainable"] == 0
+
+
+def test_method_none_evaluates_without_training(tmp_path, tiny_sam_dir):
+    out, results = _run(tmp_path, tiny_sam_dir, "--peft.method", "none")
+    assert results["final"]["mIoU"] == results["zero_shot"]["mIoU"]
+    assert (out / "metrics.jsonl").read_text() == ""
