@@ -36,6 +36,8 @@ TARGET_PRESETS = {
     "peft-sam": r"vision_encoder\.layers\.\d+\.attn\.qkv|"
     r"mask_decoder\.transformer\.(layers\.\d+\.)?\w+\.(q_proj|v_proj)",
 }
+# Non-reentrant checkpointing: works when the encoder input needs no gradient (frozen base, adapters inside).
+_CHECKPOINTING = {"use_reentrant": False}
 # Modules trained fully beside adapters, by preset name.
 TRAIN_MODULE_PRESETS = {
     "decoder-heads": ["mask_decoder.iou_prediction_head", "mask_decoder.output_hypernetworks_mlps"],
@@ -173,9 +175,11 @@ def apply_method(model: SamModel, spec: PeftConfig, gradient_checkpointing: bool
     if spec.method in QUANTISED_METHODS:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=_CHECKPOINTING
+        )
     elif gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_CHECKPOINTING)
     if spec.method not in ADAPTER_METHODS:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = spec.method == "full" or (

@@ -12,6 +12,7 @@ from transformers import SamModel
 from samtune.config import ModelConfig, PeftConfig
 from samtune.modeling import (
     ModelConfigError,
+    base_model,
     build_model,
     check_peft_config,
     load_trained,
@@ -209,4 +210,48 @@ def test_quantised_adapters_train_evaluate_train_and_merge_into_full_precision(t
     # the merge went into the full-precision base: it matches the fp32 base with the adapter applied
     reference, _ = load_trained(tiny_sam_dir, adapter)
     for got, want in zip(_outputs(merged, inputs), _outputs(reference, inputs)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_export_cli_uses_the_recorded_base(tiny_sam_dir, tmp_path):
+    from samtune.export import main as export
+
+    model, processor = build_model(ModelConfig(str(tiny_sam_dir)), PeftConfig(method="lora"))
+    inputs = _inputs(processor, seed=3)
+    _step(model, inputs)
+    _step(model, inputs)
+    adapter = save_trained(model, processor, tmp_path / "adapter")
+    out = export(["--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    for got, want in zip(_outputs(SamModel.from_pretrained(out), inputs), _outputs(model, inputs)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    with pytest.raises(SystemExit, match="not a PEFT adapter folder"):
+        export(["--adapter", str(tiny_sam_dir), "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "qlora"])
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sam_dir, method):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        spec = ModelConfig(str(tiny_sam_dir), gradient_checkpointing=checkpointing)
+        model, processor = build_model(spec, PeftConfig(method=method, targets="encoder-attn-mlp", dropout=0.0))
+        assert base_model(model).vision_encoder.gradient_checkpointing is checkpointing
+        model.train()
+        out = model(**_inputs(processor, seed=4), multimask_output=False)
+        out.pred_masks.float().sigmoid().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-4)
+
+
+def test_eager_and_sdpa_attention_agree(tiny_sam_dir):
+    outputs = []
+    for attention in ("sdpa", "eager"):
+        model, processor = build_model(
+            ModelConfig(str(tiny_sam_dir), attn_implementation=attention), PeftConfig(method="none")
+        )
+        assert model.config._attn_implementation == attention
+        outputs.append(_outputs(model, _inputs(processor)))
+    for got, want in zip(*outputs):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
