@@ -12,16 +12,32 @@ from samtune.metrics import instance_iou_f1
 PROMPT_KEYS = ("input_boxes", "input_points", "input_labels")
 
 
-def sam_forward(model, batch: dict, multimask_output: bool = False):
+def uses_multimask(batch: dict) -> bool:
+    """Point prompts alone are ambiguous: SAM then predicts three masks (whole, part, sub-part)."""
+    return "input_points" in batch and "input_boxes" not in batch
+
+
+def sam_forward(model, batch: dict, multimask_output: bool | None = None):
     """One image-encoder pass per image, one decoder query per (padded) instance."""
     inputs = {key: batch[key] for key in PROMPT_KEYS if key in batch}
-    return model(pixel_values=batch["pixel_values"], multimask_output=multimask_output, **inputs)
+    multimask = uses_multimask(batch) if multimask_output is None else multimask_output
+    return model(pixel_values=batch["pixel_values"], multimask_output=multimask, **inputs)
+
+
+def predicted_masks(outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K, h, w) logits and (B, K) predicted IoU; of several masks, the one with the highest predicted IoU."""
+    scores = outputs.iou_scores.float()
+    best = scores.argmax(dim=2)
+    logits = outputs.pred_masks.gather(
+        2, best[:, :, None, None, None].expand(-1, -1, 1, *outputs.pred_masks.shape[-2:])
+    )
+    return logits[:, :, 0].float(), scores.gather(2, best[:, :, None])[:, :, 0]
 
 
 @torch.no_grad()
 def score_batch(outputs, batch: dict, processor) -> list[dict]:
     """Per-instance records for the valid instances of one evaluation batch."""
-    logits = outputs.pred_masks[:, :, 0].float()
+    logits, _ = predicted_masks(outputs)
     masks = processor.post_process_masks(
         logits[:, :, None].cpu(), batch["original_sizes"].cpu(), batch["reshaped_input_sizes"].cpu()
     )

@@ -34,3 +34,29 @@ class InstanceLoss(nn.Module):
         iou = (iou_pred.float() - true_iou) ** 2
         total = self.dice_weight * dice + self.focal_weight * focal + self.iou_weight * iou
         return {"loss": total, "dice": dice, "focal": focal, "iou_mse": iou}
+
+
+def batch_loss(outputs, batch: dict, loss_fn: InstanceLoss) -> dict[str, torch.Tensor]:
+    """Loss of a batch: per image, the mean over its valid instances; then the mean over images.
+
+    Padded instances never reach the loss. Weighting images equally makes a batch of 4 the same step as
+    2 x 2 accumulated (or 2 processes x 2). With several masks per prompt (point prompts), each instance
+    trains only its best mask, as SAM does.
+    """
+    valid = batch["valid"]
+    masks, scores = outputs.pred_masks, outputs.iou_scores  # (B, K, M, h, w), (B, K, M)
+    count = masks.shape[2]
+    logits = masks[valid]  # (N, M, h, w)
+    targets = batch["labels"][valid][:, None].expand_as(logits)
+    keep = (~batch["ignore"])[:, None].expand(-1, valid.shape[1], -1, -1)[valid][:, None].expand_as(logits)
+    losses = loss_fn(logits.flatten(0, 1), targets.flatten(0, 1), keep.flatten(0, 1), scores[valid].flatten())
+    losses = {name: value.view(-1, count) for name, value in losses.items()}
+    best = losses["loss"].argmin(dim=1, keepdim=True)
+    per_instance = {name: value.gather(1, best)[:, 0] for name, value in losses.items()}
+    image_of = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
+    images = valid.any(dim=1)
+    out = {}
+    for name, value in per_instance.items():
+        per_image = torch.zeros(valid.shape[0], device=value.device, dtype=value.dtype).index_add(0, image_of, value)
+        out[name] = (per_image[images] / valid.sum(dim=1)[images]).mean()
+    return out

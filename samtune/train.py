@@ -11,25 +11,31 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: put the repository, not samtune/, on the path
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
+import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from samtune.config import Config, parse_args, save_config
+from samtune.checkpointing import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from samtune.config import Config, ConfigError, parse_args, save_config
 from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
 from samtune.demo import prepare_demo
-from samtune.evaluation import aggregate, sam_forward, score_batch
-from samtune.losses import InstanceLoss
+from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_batch
+from samtune.losses import InstanceLoss, batch_loss
 from samtune.modeling import build_model, format_report, parameter_report, save_trained
 from samtune.prompts import PromptConfig
+from samtune.visualize import overlay_panel
 
 logger = logging.getLogger("samtune.train")
 
@@ -48,13 +54,11 @@ def fill_demo_defaults(config: Config) -> None:
 
 
 def build_loaders(config: Config, processor):
-    data = config.data
+    data, seed = config.data, config.train.seed
     prompt = PromptConfig(data.prompt, data.box_jitter, data.num_points, data.num_negative_points)
     train_source = CocoInstanceDataset(data.train_annotations, data.train_images, data.check_images)
-    train_set = SamPromptDataset(
-        train_source, processor, prompt, data.max_instances, train=True, seed=config.train.seed
-    )
-    train_loader = make_loader(train_set, config.train.batch_size, data.num_workers, seed=config.train.seed)
+    train_set = SamPromptDataset(train_source, processor, prompt, data.max_instances, train=True, seed=seed)
+    train_loader = make_loader(train_set, config.train.batch_size, data.num_workers, seed=seed)
     val_loader, categories = None, train_source.categories
     if data.val_annotations:
         val_source = CocoInstanceDataset(data.val_annotations, data.val_images, data.check_images)
@@ -64,35 +68,87 @@ def build_loaders(config: Config, processor):
     return train_set, train_loader, val_loader, categories
 
 
-def training_loss(model, batch: dict, loss_fn: InstanceLoss) -> dict[str, torch.Tensor]:
-    """Mean per-instance loss over the valid instances of a batch; padding never reaches the loss."""
-    outputs = sam_forward(model, batch, multimask_output=False)
-    valid = batch["valid"]
-    keep = ~batch["ignore"][:, None].expand_as(batch["labels"])
-    losses = loss_fn(
-        outputs.pred_masks[:, :, 0][valid], batch["labels"][valid], keep[valid], outputs.iou_scores[:, :, 0][valid]
-    )
-    return {name: value.mean() for name, value in losses.items()}
+def build_optimizer(config: Config, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    train = config.train
+    # an optimizer needs at least one tensor; with nothing to train (method none) it never steps
+    parameters = parameters or [torch.nn.Parameter(torch.zeros(1))]
+    if train.optimizer == "adamw":
+        return torch.optim.AdamW(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    if train.optimizer == "adamw8bit":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit optimizer states)")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(parameters, lr=train.lr, weight_decay=train.weight_decay)
+    raise ConfigError(f"train.optimizer must be adamw or adamw8bit, got {train.optimizer!r}")
 
 
-def evaluate(model, loader, processor, accelerator: Accelerator, categories: dict[int, str]) -> dict:
+def evaluate(model, loader, processor, accelerator: Accelerator, categories: dict[int, str], images: int = 0):
+    """Metrics over the whole validation split (each instance once, whatever the process count), and overlays."""
     model.eval()
-    records = []
+    records, panels = [], []
     for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
         with torch.no_grad():
-            records += score_batch(sam_forward(model, batch), batch, processor)
+            outputs = sam_forward(model, batch)
+        records += score_batch(outputs, batch, processor)
+        if accelerator.is_main_process and len(panels) < images:
+            logits, _ = predicted_masks(outputs)
+            for row in range(min(images - len(panels), len(batch["image_id"]))):
+                panels.append(overlay_panel(batch, row, logits, processor))
     model.train()
-    # Each rank scored its shard; duplicates padded in by the sampler collapse on (image, annotation) id.
-    return aggregate(gather_object(records), categories)
+    # Each rank scored its shard; samples the sampler repeated to even out shards collapse on their ids.
+    return aggregate(gather_object(records), categories), panels
+
+
+class Stopper:
+    """SIGTERM / SIGINT ask every process to stop at the next step boundary (accelerate's trigger)."""
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.accelerator, self.signal = accelerator, 0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal = signum
+        self.accelerator.set_trigger()
+
+    def requested(self) -> bool:
+        return self.accelerator.check_trigger()
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def banner(config: Config, accelerator: Accelerator, report: dict, train_set, val_loader, total_steps: int) -> str:
+    val = len(val_loader.dataset) if val_loader is not None else 0
+    return "\n".join(
+        [
+            f"model      {config.model.name_or_path}",
+            f"method     {config.peft.method} (targets {config.peft.targets}, rank {config.peft.rank})"
+            if config.peft.method in ("lora", "dora", "qlora", "qdora")
+            else f"method     {config.peft.method}",
+            f"trainable  {report['all']['trainable']:,} of {report['all']['total']:,} parameters",
+            f"data       {len(train_set)} training images ({config.data.prompt} prompts), {val} validation samples",
+            f"devices    {accelerator.num_processes} x {accelerator.device.type}, "
+            f"precision {accelerator.mixed_precision}",
+            f"steps      {total_steps} ({config.train.batch_size} images x {config.train.grad_accum} accumulation x "
+            f"{accelerator.num_processes} processes per step)",
+            f"output     {config.output_dir}",
+        ]
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv, description=__doc__)
+    train_cfg = config.train
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.train.grad_accum,
-        mixed_precision=config.train.mixed_precision or None,
+        cpu=not torch.cuda.is_available(),
+        gradient_accumulation_steps=train_cfg.grad_accum,
+        mixed_precision=train_cfg.mixed_precision or None,
         log_with="tensorboard",
         project_dir=config.output_dir,
+        step_scheduler_with_optimizer=False,  # one scheduler step per optimizer step, at any process count
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=train_cfg.seed),
     )
     logging.basicConfig(
         level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -101,95 +157,251 @@ def main(argv: list[str] | None = None) -> dict:
     with accelerator.main_process_first():
         fill_demo_defaults(config)
     out = Path(config.output_dir)
+    resume = resolve_resume(train_cfg.resume_from, out)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(config, out / "config.yaml")
-    set_seed(config.train.seed)
+    set_seed(train_cfg.seed)
 
     model, processor = build_model(config.model, config.peft)
     report = parameter_report(model)
-    logger.info("parameters (%s, targets %s):\n%s", config.peft.method, config.peft.targets, format_report(report))
-    if accelerator.is_main_process:
-        (out / "parameters.json").write_text(json.dumps(report, indent=2))
     with accelerator.main_process_first():
         train_set, train_loader, val_loader, categories = build_loaders(config, processor)
-
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # an optimizer needs at least one tensor; with nothing to train it never steps
-    optimizer = torch.optim.AdamW(
-        trainable or [torch.zeros(1)], lr=config.train.lr, weight_decay=config.train.weight_decay
-    )
-    steps_per_epoch = math.ceil(len(train_loader) / config.train.grad_accum)
-    total_steps = config.train.max_steps or steps_per_epoch * config.train.epochs
+    optimizer = build_optimizer(config, trainable)
+    steps_per_epoch = math.ceil(len(train_loader) / (train_cfg.grad_accum * accelerator.num_processes))
+    total_steps = (train_cfg.max_steps or steps_per_epoch * train_cfg.epochs) if trainable else 0
     scheduler = get_scheduler(
-        "cosine", optimizer, num_warmup_steps=int(0.05 * total_steps), num_training_steps=total_steps
+        train_cfg.scheduler,
+        optimizer,
+        num_warmup_steps=int(train_cfg.warmup_ratio * total_steps),
+        num_training_steps=max(total_steps, 1),
     )
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
-    accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in vars(config.train).items()})
-    loss_fn = InstanceLoss()
+    accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in vars(train_cfg).items()})
+    tracker = accelerator.get_tracker("tensorboard") if accelerator.is_main_process else None
+    loss_fn = InstanceLoss(train_cfg.dice_weight, train_cfg.focal_weight, train_cfg.iou_weight)
+    logger.info(
+        "samtune\n%s\nparameters per part:\n%s",
+        banner(config, accelerator, report, train_set, val_loader, total_steps),
+        format_report(report),
+    )
 
+    state = TrainerState()
     metrics_file = out / "metrics.jsonl"
-    if accelerator.is_main_process:
+    if resume is not None:
+        state = load_checkpoint(accelerator, resume)
+        logger.info(
+            "resumed from %s at step %d (epoch %d, batch %d)", resume, state.step, state.epoch, state.batches_in_epoch
+        )
+        if accelerator.is_main_process:  # the checkpoint's history is the truth: drop lines logged after it
+            metrics_file.write_text("".join(json.dumps(line) + "\n" for line in state.history))
+    elif accelerator.is_main_process:
         metrics_file.write_text("")  # a new run starts a new log
-    results: dict = {}
-    if val_loader is not None:
-        results["zero_shot"] = evaluate(model, val_loader, processor, accelerator, categories)
-        logger.info(
-            "before training: val mIoU %.4f mF1 %.4f", results["zero_shot"]["mIoU"], results["zero_shot"]["mF1"]
-        )
-    step, epoch = 0, 0
-    if not trainable:
-        logger.info("nothing trains (peft.method %s): evaluating only", config.peft.method)
-        total_steps = 0
-    progress = tqdm(total=total_steps, desc="train", disable=not accelerator.is_local_main_process)
-    model.train()
-    while step < total_steps:
-        train_set.set_epoch(epoch)
-        for batch in train_loader:
-            with accelerator.accumulate(model):
-                losses = training_loss(model, batch, loss_fn)
-                accelerator.backward(losses["loss"])
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(trainable, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            if accelerator.sync_gradients:
-                step += 1
-                progress.update(1)
-                logged = {f"train/{k}": accelerator.reduce(v.detach(), "mean").item() for k, v in losses.items()}
-                logged["train/lr"] = scheduler.get_last_lr()[0]
-                accelerator.log(logged, step=step)
-                if step % config.train.log_every == 0 or step == total_steps:
-                    progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
-                    if accelerator.is_main_process:
-                        with metrics_file.open("a") as f:
-                            f.write(json.dumps({"step": step, "epoch": epoch, **logged}) + "\n")
-                if step >= total_steps:
-                    break
-        epoch += 1
-    progress.close()
+        (out / "parameters.json").write_text(json.dumps(report, indent=2))
 
-    if val_loader is not None:
-        results["final"] = evaluate(model, val_loader, processor, accelerator, categories)
-        accelerator.log({"val/mIoU": results["final"]["mIoU"], "val/mF1": results["final"]["mF1"]}, step=step)
+    def record(kind: str, metrics: dict, panels: list, train_loss: float | None) -> None:
+        line = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "kind": kind,
+            "train_loss": train_loss,
+            **{k: v for k, v in metrics.items() if k != "per_category"},
+            "per_category": metrics.get("per_category"),
+        }
+        state.history.append(line)
+        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(line) + "\n")
+            for index, panel in enumerate(panels):
+                tracker.writer.add_image(f"val/overlay_{index}", panel, global_step=state.step, dataformats="HWC")
+
+    def validate(kind: str, train_loss: float | None) -> dict | None:
+        if val_loader is None:
+            return None
+        metrics, panels = evaluate(model, val_loader, processor, accelerator, categories, train_cfg.log_images)
+        record(kind, metrics, panels, train_loss)
         logger.info(
-            "after %d steps: val mIoU %.4f (zero-shot %.4f), mF1 %.4f (zero-shot %.4f)",
-            step,
-            results["final"]["mIoU"],
-            results["zero_shot"]["mIoU"],
-            results["final"]["mF1"],
-            results["zero_shot"]["mF1"],
+            "step %d %s: val mIoU %.4f mF1 %.4f (%d instances)",
+            state.step,
+            kind,
+            metrics["mIoU"],
+            metrics["mF1"],
+            metrics["num_instances"],
         )
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        final = save_trained(accelerator.unwrap_model(model), processor, out / "final")
-        (out / "results.json").write_text(json.dumps({"parameters": report, **results}, indent=2))
-        logger.info("saved %s", final)
+        return metrics
+
+    def save_best(metrics: dict) -> None:
+        if metrics["mIoU"] <= state.best_miou:
+            state.evals_without_improvement += 1
+            return
+        state.best_miou, state.best_step, state.evals_without_improvement = metrics["mIoU"], state.step, 0
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            scratch = out / ".best.partial"
+            shutil.rmtree(scratch, ignore_errors=True)
+            save_trained(accelerator.unwrap_model(model), processor, scratch)
+            (scratch / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2))
+            shutil.rmtree(out / "best", ignore_errors=True)
+            scratch.rename(out / "best")
+
+    zero_shot = validate("zero-shot", None) if resume is None else None
+    if zero_shot is not None:
+        save_best(zero_shot)  # the starting weights are a candidate too: training may not beat them
+    stopper = Stopper(accelerator)
+    progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
+    window = {"loss": 0.0, "count": 0, "images": 0, "since": time.perf_counter()}
+    skip_step, stop_reason, grad_norm = False, "", None
+    model.train()
+    while state.step < total_steps and not stop_reason:
+        train_loader.set_epoch(state.epoch)
+        loader = train_loader
+        if state.batches_in_epoch:
+            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
+        for batch in loader:
+            state.batches_in_epoch += 1
+            with accelerator.accumulate(model):
+                losses = batch_loss(sam_forward(model, batch), batch, loss_fn)
+                finite = accelerator.gather(torch.isfinite(losses["loss"].detach()).float()[None]).min() > 0
+                if finite:
+                    accelerator.backward(losses["loss"])
+                    window["loss"] += losses["loss"].item()
+                    window["count"] += 1
+                else:
+                    skip_step = True  # every process agrees, so no process waits on another's gradients
+                window["images"] += batch["pixel_values"].shape[0]
+                if accelerator.sync_gradients:
+                    if skip_step:
+                        optimizer.zero_grad()
+                        state.nonfinite_in_a_row += 1
+                        state.nonfinite_total += 1
+                        logger.warning(
+                            "non-finite loss at step %d: step skipped (%d in a row, %d in all)",
+                            state.step + 1,
+                            state.nonfinite_in_a_row,
+                            state.nonfinite_total,
+                        )
+                    else:
+                        if train_cfg.max_grad_norm > 0:
+                            grad_norm = accelerator.clip_grad_norm_(trainable, train_cfg.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            if skip_step:
+                skip_step = False
+                if state.nonfinite_in_a_row >= train_cfg.max_nonfinite:
+                    raise RuntimeError(
+                        f"{state.nonfinite_in_a_row} non-finite losses in a row at step {state.step}: stopping. "
+                        "Lower train.lr, use train.mixed_precision bf16 instead of fp16, or check the data."
+                    )
+                continue
+            state.nonfinite_in_a_row = 0
+            state.step += 1
+            progress.update(1)
+            if state.step % train_cfg.log_every == 0 or state.step == total_steps:
+                totals = accelerator.reduce(
+                    torch.tensor([window["loss"], window["count"], window["images"]], device=accelerator.device), "sum"
+                )
+                seconds = time.perf_counter() - window["since"]
+                logged = {
+                    "train/loss": (totals[0] / totals[1].clamp(min=1)).item(),
+                    "train/lr": scheduler.get_last_lr()[0],
+                    "train/images_per_s": totals[2].item() / seconds,
+                }
+                if grad_norm is not None:
+                    logged["train/grad_norm"] = float(grad_norm)
+                accelerator.log(logged, step=state.step)
+                progress.set_postfix(loss=f"{logged['train/loss']:.4f}")
+                window.update(loss=0.0, count=0, images=0, since=time.perf_counter())
+                state.last_train_loss = logged["train/loss"]
+            if train_cfg.eval_every and state.step % train_cfg.eval_every == 0 and state.step < total_steps:
+                metrics = validate("eval", state.last_train_loss)
+                if metrics is not None:
+                    save_best(metrics)
+                    if train_cfg.early_stopping and state.evals_without_improvement >= train_cfg.early_stopping:
+                        stop_reason = f"early stopping: no better val mIoU in {train_cfg.early_stopping} evaluations"
+            if train_cfg.save_every and state.step % train_cfg.save_every == 0:
+                save_checkpoint(accelerator, state, out, train_cfg.keep_checkpoints)
+            if stopper.requested():
+                stop_reason = f"signal {signal.Signals(stopper.signal).name if stopper.signal else 'on another rank'}"
+            elif train_cfg.stop_at and state.step >= train_cfg.stop_at and state.step < total_steps:
+                stop_reason = f"train.stop_at {train_cfg.stop_at}"
+            if stop_reason or state.step >= total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    progress.close()
+    stopper.restore()
+
+    interrupted = bool(stop_reason) and not stop_reason.startswith("early stopping")
+    results: dict = {"interrupted": interrupted, "stop_reason": stop_reason}
+    if interrupted:
+        path = save_checkpoint(accelerator, state, out, train_cfg.keep_checkpoints)
+        logger.info(
+            "stopped at step %d (%s); resume with --train.resume_from latest (checkpoint %s)",
+            state.step,
+            stop_reason,
+            path,
+        )
+    else:
+        last = state.history[-1] if state.history else None
+        if not total_steps:
+            metrics = zero_shot
+        elif last is not None and last["step"] == state.step:  # just evaluated these weights: no second pass
+            metrics = {k: v for k, v in last.items() if k not in ("step", "epoch", "kind", "train_loss")}
+            record("final", metrics, [], state.last_train_loss)
+        else:
+            metrics = validate("final", state.last_train_loss)
+            if metrics is not None:
+                save_best(metrics)
+        results.update(zero_shot=next((h for h in state.history if h["kind"] == "zero-shot"), None), final=metrics)
+        results["ranks_in_sync"] = ranks_in_sync(accelerator, model)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            save_trained(accelerator.unwrap_model(model), processor, out / "final")
+            summary = {
+                "parameters": report,
+                "steps": state.step,
+                "best_step": state.best_step,
+                "best_mIoU": state.best_miou if state.best_step >= 0 else None,
+                "nonfinite_steps": state.nonfinite_total,
+                **results,
+            }
+            (out / "results.json").write_text(json.dumps(summary, indent=2))
+            logger.info("done\n%s", closing_table(state, results, out))
     accelerator.end_training()
+    if interrupted and stopper.signal:
+        sys.exit(128 + stopper.signal)
     return results
+
+
+def ranks_in_sync(accelerator: Accelerator, model) -> bool:
+    """Whether every process ends with the same trainable weights (a cheap checksum, gathered)."""
+    with torch.no_grad():
+        values = [p.detach().float().sum() for p in model.parameters() if p.requires_grad]
+        checksum = torch.stack(values).to(accelerator.device) if values else torch.zeros(1, device=accelerator.device)
+    gathered = accelerator.gather(checksum[None]).cpu().numpy()
+    return bool(np.all(gathered == gathered[0]))
+
+
+def closing_table(state: TrainerState, results: dict, out: Path) -> str:
+    rows = []
+    zero, final = results.get("zero_shot"), results.get("final")
+    if zero:
+        rows.append(f"{'zero-shot (step 0)':<22}{100 * zero['mIoU']:>8.2f}{100 * zero['mF1']:>8.2f}")
+    if final:
+        rows.append(f"{f'final (step {state.step})':<22}{100 * final['mIoU']:>8.2f}{100 * final['mF1']:>8.2f}")
+    if state.best_step >= 0:
+        rows.append(f"{f'best (step {state.best_step})':<22}{100 * state.best_miou:>8.2f}")
+    header = f"{'val':<22}{'mIoU %':>8}{'mF1 %':>8}"
+    where = f"weights: {out / 'final'}" + (f", {out / 'best'}" if state.best_step >= 0 else "")
+    return "\n".join([header, *rows, where, f"metrics: {out / 'metrics.jsonl'}; tensorboard --logdir {out}"])
 
 
 if __name__ == "__main__":

@@ -1,72 +1,257 @@
-"""The training entry point end to end on the tiny model and generated data."""
+"""The training entry point end to end on the tiny model and generated data (CPU)."""
 
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import SamModel
 
 from samtune.synthetic import SyntheticSpec, make_synthetic_coco
 from samtune.train import main
 
+REPO = Path(__file__).resolve().parent.parent
 
-def _run(tmp_path, tiny_sam_dir, *extra):
-    train = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=6, seed=1))
-    val = make_synthetic_coco(tmp_path / "val", SyntheticSpec(num_images=3, seed=2))
-    out = tmp_path / "run"
-    argv = {
-        "--model.name_or_path": str(tiny_sam_dir),
-        "--data.train_annotations": str(train[0]),
-        "--data.train_images": str(train[1]),
-        "--data.val_annotations": str(val[0]),
-        "--data.val_images": str(val[1]),
-        "--data.num_workers": "0",
-        "--train.max_steps": "4",
-        "--train.log_every": "2",
-        "--train.lr": "1e-3",
-        "--output_dir": str(out),
+
+@pytest.fixture(scope="module")
+def splits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("splits")
+    return {
+        "train": make_synthetic_coco(root / "train", SyntheticSpec(num_images=8, seed=1)),
+        "val": make_synthetic_coco(root / "val", SyntheticSpec(num_images=4, seed=2)),
     }
-    results = main([item for pair in argv.items() for item in pair] + list(extra))
-    return out, results
 
 
-def test_train_runs_and_writes_a_loadable_run_folder(tmp_path, tiny_sam_dir):
-    out, results = _run(tmp_path, tiny_sam_dir, "--peft.method", "decoder")
+def _argv(splits, tiny_sam_dir, out, **overrides):
+    argv = {
+        "model.name_or_path": str(tiny_sam_dir),
+        "data.train_annotations": str(splits["train"][0]),
+        "data.train_images": str(splits["train"][1]),
+        "data.val_annotations": str(splits["val"][0]),
+        "data.val_images": str(splits["val"][1]),
+        "data.num_workers": "0",
+        "train.max_steps": "4",
+        "train.log_every": "2",
+        "train.lr": "1e-3",
+        "train.log_images": "2",
+        "peft.dropout": "0",
+        "output_dir": str(out),
+    }
+    argv.update({k: str(v) for k, v in overrides.items()})
+    return [item for key, value in argv.items() for item in (f"--{key}", value)]
+
+
+def _run(splits, tiny_sam_dir, out, **overrides):
+    return main(_argv(splits, tiny_sam_dir, out, **overrides))
+
+
+def _lines(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(folder):
+    name = "adapter_model.safetensors" if (folder / "adapter_config.json").exists() else "model.safetensors"
+    return load_file(folder / name)
+
+
+def _assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def test_run_folder_metrics_tensorboard_and_weights(tmp_path, splits, tiny_sam_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    results = _run(splits, tiny_sam_dir, out, **{"peft.method": "decoder", "train.eval_every": 2})
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["train"]["max_steps"] == 4 and saved["model"]["name_or_path"] == str(tiny_sam_dir)
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [2, 4]
-    assert all(math.isfinite(line["train/loss"]) and line["train/loss"] > 0 for line in lines)
-    assert 0 <= results["final"]["mIoU"] <= 1 and results["final"]["num_instances"] > 0
-    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
-    # decoder-only training: the encoder is untouched, the decoder moved
+    lines = _lines(out)
+    assert [(line["kind"], line["step"]) for line in lines] == [("zero-shot", 0), ("eval", 2), ("final", 4)]
+    assert all(math.isfinite(line["train_loss"]) for line in lines[1:])
+    assert all(0 <= line["mIoU"] <= 1 and line["num_instances"] > 0 for line in lines)
+    assert set(lines[-1]["per_category"]) <= {"ellipse", "rectangle", "triangle", "ring"}
+    assert results["final"]["mIoU"] == lines[-1]["mIoU"] and results["ranks_in_sync"]
+
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    for sub in (out / "tensorboard").iterdir():  # accelerate writes hparams into a sub-folder
+        if sub.is_dir():
+            continue
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/mIoU", "val/mF1"} <= scalars
+    assert [e.step for e in events.Scalars("val/mIoU")] == [0, 2, 4]
+    images = events.Tags()["images"]
+    assert {"val/overlay_0", "val/overlay_1"} <= set(images)
+    assert len(events.Images("val/overlay_0")) == 3
+
+    # decoder-only training: the encoder is untouched, the decoder moved; best/ and final/ both load
     before, after = SamModel.from_pretrained(tiny_sam_dir), SamModel.from_pretrained(out / "final")
-    enc = "vision_encoder.layers.0.attn.qkv.weight"
-    dec = "mask_decoder.iou_prediction_head.proj_out.weight"
+    enc, dec = "vision_encoder.layers.0.attn.qkv.weight", "mask_decoder.iou_prediction_head.proj_out.weight"
     assert torch.equal(before.state_dict()[enc], after.state_dict()[enc])
     assert not torch.equal(before.state_dict()[dec], after.state_dict()[dec])
+    best = json.loads((out / "best" / "metrics.json").read_text())
+    assert best["mIoU"] == max(line["mIoU"] for line in lines)
+    SamModel.from_pretrained(out / "best")
 
 
-def test_demo_fills_only_what_is_missing(tmp_path, monkeypatch):
-    from samtune.config import load_config
-    from samtune.train import fill_demo_defaults
+def test_short_run_lowers_the_loss_and_raises_val_miou(tmp_path, tiny_sam_dir):
+    train = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=4, seed=1, empty_every=100))
+    splits = {"train": train, "val": train}  # fitting the images it sees: a check of the loop, not of the data
+    out = tmp_path / "run"
+    overrides = {
+        "peft.method": "decoder",
+        "train.lr": 1e-2,
+        "train.max_steps": 120,
+        "train.eval_every": 20,
+        "train.log_every": 20,
+        "train.focal_weight": 1,
+        "train.iou_weight": 0,
+        "data.box_jitter": 0,
+        "train.log_images": 0,
+    }
+    results = _run(splits, tiny_sam_dir, out, **overrides)
+    lines = _lines(out)
+    assert lines[-1]["train_loss"] < 0.8 * lines[1]["train_loss"]
+    assert results["final"]["mIoU"] > 3 * results["zero_shot"]["mIoU"]
 
-    monkeypatch.setenv("SAMTUNE_CACHE", str(tmp_path / "cache"))
-    config = load_config(overrides={"data.val_annotations": "mine.json", "data.val_images": "imgs"})
-    fill_demo_defaults(config)
-    assert config.data.val_annotations == "mine.json"  # the user's validation split is kept
-    assert config.data.train_annotations.endswith("train/annotations.json")
-    assert (tmp_path / "cache").is_dir() and config.model.name_or_path.startswith(str(tmp_path / "cache"))
-    own = load_config(overrides={"data.train_annotations": "t.json", "data.train_images": "imgs"})
-    fill_demo_defaults(own)
-    assert own.data.val_annotations == ""  # no demo validation data next to the user's training data
+
+def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path, tiny_sam_dir):
+    # 8 images with instances: two full steps per epoch either way
+    train = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=8, seed=4, empty_every=100))
+    splits = {"train": train, "val": ("", "")}
+    common = {
+        "peft.method": "lora",
+        "peft.targets": "all-linear",
+        "train.max_steps": 4,
+        "train.log_images": 0,
+        "train.scheduler": "constant",
+        "train.warmup_ratio": 0,
+    }
+    _run(splits, tiny_sam_dir, tmp_path / "a", **common, **{"train.batch_size": 4, "train.grad_accum": 1})
+    _run(splits, tiny_sam_dir, tmp_path / "b", **common, **{"train.batch_size": 2, "train.grad_accum": 2})
+    # same samples per step; only the summation order differs
+    _assert_same_weights(_weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final"), atol=1e-5)
 
 
-def test_adapter_run_saves_a_peft_folder(tmp_path, tiny_sam_dir):
+def test_resume_continues_exactly(tmp_path, splits, tiny_sam_dir):
+    # 2N steps straight versus N steps, stop, resume, N more: 3 steps per epoch, so the stop falls mid-epoch
+    common = {
+        "peft.method": "dora",
+        "peft.targets": "all-linear",
+        "train.max_steps": 8,
+        "train.eval_every": 4,
+        "train.batch_size": 3,
+        "peft.dropout": 0.1,
+        "data.max_instances": 2,
+    }
+    straight = _run(splits, tiny_sam_dir, tmp_path / "straight", **common)
+    stopped = _run(splits, tiny_sam_dir, tmp_path / "resumed", **common, **{"train.stop_at": 4})
+    assert stopped["interrupted"] and (tmp_path / "resumed" / "checkpoints" / "step-4").is_dir()
+    assert not (tmp_path / "resumed" / "final").exists()
+    resumed = _run(splits, tiny_sam_dir, tmp_path / "resumed", **common, **{"train.resume_from": "latest"})
+    _assert_same_weights(_weights(tmp_path / "straight" / "final"), _weights(tmp_path / "resumed" / "final"), 1e-6)
+    assert resumed["final"]["mIoU"] == straight["final"]["mIoU"]
+    assert _lines(tmp_path / "straight") == _lines(tmp_path / "resumed")
+
+
+def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path, splits, tiny_sam_dir):
+    from samtune.checkpointing import resolve_resume
+
+    out = tmp_path / "run"
+    _run(
+        splits,
+        tiny_sam_dir,
+        out,
+        **{
+            "peft.method": "decoder",
+            "train.max_steps": 6,
+            "train.save_every": 2,
+            "train.keep_checkpoints": 2,
+            "data.val_annotations": "",
+        },
+    )
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    (out / "checkpoints" / ".step-8.partial").mkdir()  # what a crash mid-write leaves
+    (out / "checkpoints" / "step-10").mkdir()  # a folder without the trainer state is not a checkpoint
+    assert resolve_resume("latest", out).name == "step-6"
+    with pytest.raises(FileNotFoundError, match="not a complete samtune checkpoint"):
+        resolve_resume(str(out / "checkpoints" / "step-10"), out)
+
+
+def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, splits, tiny_sam_dir, monkeypatch):
+    import samtune.train as train_module
+
+    real = train_module.batch_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        calls["n"] += 1
+        losses = real(*args, **kwargs)
+        if calls["n"] in (2, 3):
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)
+    out = tmp_path / "run"
+    results = _run(splits, tiny_sam_dir, out, **{"peft.method": "decoder", "data.val_annotations": ""})
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["nonfinite_steps"] == 2 and summary["steps"] == 4 and not results["interrupted"]
+
+    calls["n"] = 0
+    monkeypatch.setattr(
+        train_module, "batch_loss", lambda *a, **k: {"loss": torch.tensor(float("inf"), requires_grad=True)}
+    )
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row"):
+        _run(
+            splits,
+            tiny_sam_dir,
+            tmp_path / "bad",
+            **{"peft.method": "decoder", "data.val_annotations": "", "train.max_nonfinite": 3},
+        )
+
+
+def test_early_stopping(tmp_path, splits, tiny_sam_dir):
+    results = _run(
+        splits,
+        tiny_sam_dir,
+        tmp_path / "run",
+        **{
+            "peft.method": "decoder",
+            "train.lr": 0,
+            "train.max_steps": 10,
+            "train.eval_every": 1,
+            "train.early_stopping": 2,
+            "train.log_images": 0,
+        },
+    )
+    assert results["stop_reason"].startswith("early stopping") and not results["interrupted"]
+    # zero-shot is the best; two evaluations without improvement; the final line reuses the last evaluation
+    lines = _lines(tmp_path / "run")
+    assert [(line["kind"], line["step"]) for line in lines] == [
+        ("zero-shot", 0),
+        ("eval", 1),
+        ("eval", 2),
+        ("final", 2),
+    ]
+    assert lines[-1]["mIoU"] == lines[-2]["mIoU"]
+
+
+def test_adapter_run_saves_a_peft_folder(tmp_path, splits, tiny_sam_dir):
     from peft import PeftModel
 
-    out, results = _run(tmp_path, tiny_sam_dir, "--peft.method", "dora", "--peft.targets", "encoder-attn")
+    out = tmp_path / "run"
+    _run(splits, tiny_sam_dir, out, **{"peft.method": "dora", "peft.targets": "encoder-attn"})
     assert (out / "final" / "adapter_config.json").exists()
     model = PeftModel.from_pretrained(SamModel.from_pretrained(tiny_sam_dir), out / "final")
     magnitudes = [n for n, _ in model.named_parameters() if "lora_magnitude_vector" in n]
@@ -76,7 +261,94 @@ def test_adapter_run_saves_a_peft_folder(tmp_path, tiny_sam_dir):
     assert report["mask_decoder"]["trainable"] == 0
 
 
-def test_method_none_evaluates_without_training(tmp_path, tiny_sam_dir):
-    out, results = _run(tmp_path, tiny_sam_dir, "--peft.method", "none")
+def test_method_none_evaluates_without_training(tmp_path, splits, tiny_sam_dir):
+    out = tmp_path / "run"
+    results = _run(splits, tiny_sam_dir, out, **{"peft.method": "none"})
     assert results["final"]["mIoU"] == results["zero_shot"]["mIoU"]
-    assert (out / "metrics.jsonl").read_text() == ""
+    assert [line["kind"] for line in _lines(out)] == ["zero-shot"]
+
+
+def test_point_prompts_train_the_best_of_three_masks(tmp_path, splits, tiny_sam_dir):
+    results = _run(
+        splits,
+        tiny_sam_dir,
+        tmp_path / "run",
+        **{"peft.method": "decoder", "data.prompt": "point", "data.num_negative_points": 1},
+    )
+    assert results["final"]["num_instances"] > 0
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(args, processes=1, **popen):
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([*command, str(REPO / "samtune" / "train.py"), *args], env=env, cwd=REPO, **popen)
+
+
+def test_two_process_ddp_matches_a_single_process_evaluation(tmp_path, splits, tiny_sam_dir):
+    from accelerate import Accelerator
+
+    from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
+    from samtune.modeling import load_trained
+    from samtune.prompts import PromptConfig
+    from samtune.train import evaluate
+
+    out = tmp_path / "ddp"
+    args = _argv(
+        splits, tiny_sam_dir, out, **{"peft.method": "lora", "peft.targets": "all-linear", "train.log_images": 0}
+    )
+    process = _launch(args, processes=2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, log[-3000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["ranks_in_sync"] and "2 x cpu" in log
+    model, processor = load_trained(tiny_sam_dir, out / "final")
+    source = CocoInstanceDataset(*splits["val"])
+    loader = make_loader(SamPromptDataset(source, processor, PromptConfig("box"), 16, train=False), batch_size=3)
+    single, _ = evaluate(model, loader, processor, Accelerator(cpu=True), source.categories)
+    assert single["num_instances"] == summary["final"]["num_instances"]
+    assert single["mIoU"] == pytest.approx(summary["final"]["mIoU"], abs=1e-6)
+    assert single["mF1"] == pytest.approx(summary["final"]["mF1"], abs=1e-6)
+
+
+def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, splits, tiny_sam_dir):
+    out = tmp_path / "run"
+    args = _argv(
+        splits,
+        tiny_sam_dir,
+        out,
+        **{"peft.method": "decoder", "train.max_steps": 100000, "train.save_every": 5, "data.val_annotations": ""},
+    )
+    # a new process group, signalled as a whole: what Slurm, Kubernetes or a Ctrl-C in a terminal do
+    process = _launch(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.killpg(process.pid, signal.SIGTERM)
+    log, _ = process.communicate(timeout=120)  # returns once the training process closed its output too
+    assert "stopped at step" in log and "resume with --train.resume_from latest" in log, log[-3000:]
+    from samtune.checkpointing import resolve_resume
+
+    last = resolve_resume("latest", out)
+    step = int(last.name.split("-")[1])
+    results = main(args + ["--train.resume_from", "latest", "--train.max_steps", str(step + 3)])
+    assert not results["interrupted"]
+    assert json.loads((out / "results.json").read_text())["steps"] == step + 3
