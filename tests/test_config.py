@@ -58,3 +58,20 @@ def test_help_lists_every_key_with_default():
     ):
         assert f"--{key}" in text
     assert "(default: 16)" in text
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_configs_fit_the_schema(path):
+    config = load_config(path)
+    assert config.output_dir.startswith("runs/")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "launch" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(path))
+    assert config.num_processes >= 1 and config.mixed_precision in ("no", "bf16", "fp16")

@@ -315,8 +315,15 @@ def test_two_process_ddp_matches_a_single_process_evaluation(tmp_path, splits, t
     args = _argv(
         splits, tiny_sam_dir, out, **{"peft.method": "lora", "peft.targets": "all-linear", "train.log_images": 0}
     )
-    process = _launch(args, processes=2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log, _ = process.communicate(timeout=300)
+    process = _launch(
+        args, processes=2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        log, _ = process.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        log, _ = process.communicate()
+        pytest.fail(f"2-process run did not finish in 180 s:\n{log[-5000:]}")
     assert process.returncode == 0, log[-3000:]
     summary = json.loads((out / "results.json").read_text())
     assert summary["ranks_in_sync"] and "2 x cpu" in log

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Thin wrapper: train.sh [accelerate config] [experiment yaml] [--section.key value ...]
+#   bash launch/train.sh launch/accelerate/1gpu.yaml launch/experiments/slimsam-lora.yaml --train.epochs 5
+set -euo pipefail
+cd "$(dirname "$0")/.."
+accel=${1:-launch/accelerate/cpu.yaml}
+experiment=${2:-launch/experiments/demo.yaml}
+shift $(( $# > 2 ? 2 : $# ))
+launcher=accelerate
+[ -x .venv/bin/accelerate ] && launcher=.venv/bin/accelerate
+exec "$launcher" launch --config_file "$accel" samtune/train.py --config "$experiment" "$@"
