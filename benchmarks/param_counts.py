@@ -16,55 +16,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-from transformers import SamConfig, SamModel, SamVisionConfig  # noqa: E402
+from transformers import SamModel  # noqa: E402
 
 from samtune.config import PeftConfig  # noqa: E402
 from samtune.modeling import TARGET_PRESETS, apply_method, parameter_report  # noqa: E402
-
-# Vision-encoder shapes of the published checkpoints (the prompt encoder and mask decoder are the same in all).
-ARCHITECTURES = {
-    "vit-b": {
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "global_attn_indexes": [2, 5, 8, 11],
-    },
-    "vit-l": {
-        "hidden_size": 1024,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 16,
-        "global_attn_indexes": [5, 11, 17, 23],
-    },
-    "vit-h": {
-        "hidden_size": 1280,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 16,
-        "global_attn_indexes": [7, 15, 23, 31],
-    },
-    "slimsam-50": {
-        "hidden_size": 384,
-        "mlp_dim": 1536,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "global_attn_indexes": [2, 5, 8, 11],
-    },
-    "slimsam-77": {
-        "hidden_size": 168,
-        "mlp_dim": 696,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "global_attn_indexes": [2, 5, 8, 11],
-    },
-}
-
-
-def sam_config(name: str) -> SamConfig:
-    return SamConfig(vision_config=SamVisionConfig(**ARCHITECTURES[name]))
+from samtune.presets import ARCHITECTURES, preset_config  # noqa: E402
 
 
 def count(name: str, method: str, targets: str, rank: int) -> dict:
     with torch.device("meta"):
-        model = SamModel(sam_config(name))
+        model = SamModel(preset_config(name))
     model = apply_method(model, PeftConfig(method=method, targets=targets, rank=rank))
     report = parameter_report(model)
     base_total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
