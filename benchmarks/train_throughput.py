@@ -93,7 +93,6 @@ def measure(folder: Path, method: str, precision: str, args, device: torch.devic
             step()
         seconds = time.perf_counter() - begin
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MiB (Linux), whole process
-    del model, optimizer
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
