@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv, description=__doc__)
     train_cfg = config.train
     accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),
+        # no GPU: CPU processes (gloo) even under --multi_gpu, as the 2-process CPU test runs
+        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
         gradient_accumulation_steps=train_cfg.grad_accum,
         mixed_precision=train_cfg.mixed_precision or None,
         log_with="tensorboard",

@@ -39,7 +39,7 @@ def overlay_panel(batch: dict, row: int, logits: torch.Tensor, processor) -> np.
     pixels = batch["pixel_values"][row].float().cpu() * std + mean
     image = (pixels[:, :height, :width].permute(1, 2, 0).numpy() * 255).clip(0, 255)
     count = int(batch["valid"][row].sum())
-    truth = F.interpolate(batch["masks"][row][None].float(), size=(height, width), mode="nearest")[0] > 0.5
+    truth = F.interpolate(batch["masks"][row][None].float().cpu(), size=(height, width), mode="nearest")[0] > 0.5
     side = processor.image_processor.pad_size["height"]
     predicted = F.interpolate(logits[row, :count][None].float().cpu(), size=(side, side), mode="bilinear")[0]
     predicted = predicted[:, :height, :width] > 0

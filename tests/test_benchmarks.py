@@ -1,0 +1,43 @@
+"""The benchmark scripts run (quick modes) and report finite, positive numbers."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_throughput_quick(tmp_path):
+    out = tmp_path / "train.json"
+    rows = _load("train_throughput").main(["--quick", "--methods", "decoder", "lora", "qdora", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    assert [r["method"] for r in rows] == ["decoder", "lora", "qdora"]
+    for row in rows:
+        assert "error" not in row, row
+        for key in ("seconds_per_step", "images_per_s", "peak_memory_mib"):
+            assert math.isfinite(row[key]) and row[key] > 0
+        assert row["trainable"] > 0 and row["device"].startswith(("cpu", "NVIDIA"))
+
+
+def test_data_loading_quick(tmp_path):
+    rows = _load("data_loading").main(
+        ["--images", "6", "--side", "128", "--workers", "0", "--repeats", "1", "--json", str(tmp_path / "d.json")]
+    )
+    assert rows[0]["images"] > 0 and rows[0]["images_per_s"] > 0
+
+
+def test_param_counts_match_known_sizes():
+    rows = _load("param_counts").main(["--presets", "vit-b"])
+    full = next(r for r in rows if r["method"] == "full")
+    assert full["trainable"] == 93_735_728  # SAM ViT-B as published
+    lora = next(r for r in rows if r["method"] == "lora" and r["targets"] == "encoder-attn")
+    # rank 8 on qkv (768 -> 2304) and proj (768 -> 768) in 12 layers
+    assert lora["trainable"] == 12 * 8 * ((768 + 2304) + (768 + 768))
