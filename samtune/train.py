@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     skip_step, stop_reason, grad_norm = False, "", None
     model.train()
     while state.step < total_steps and not stop_reason:
-        train_loader.set_epoch(state.epoch)
+        train_loader.set_epoch(state.epoch)  # the sampler's order
+        train_set.set_epoch(state.epoch)  # instance subsets and prompts (accelerate only sets the sampler's)
         loader = train_loader
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)

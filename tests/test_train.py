@@ -359,3 +359,25 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, splits, tiny_sam_d
     results = main(args + ["--train.resume_from", "latest", "--train.max_steps", str(step + 3)])
     assert not results["interrupted"]
     assert json.loads((out / "results.json").read_text())["steps"] == step + 3
+
+
+def test_every_epoch_draws_new_prompts(tmp_path, splits, tiny_sam_dir, monkeypatch):
+    from samtune.data import SamPromptDataset
+
+    seen = []
+    real = SamPromptDataset.__getitem__
+
+    def spy(self, item):
+        if self.train:
+            seen.append(self.epoch)
+        return real(self, item)
+
+    monkeypatch.setattr(SamPromptDataset, "__getitem__", spy)
+    _run(
+        splits,
+        tiny_sam_dir,
+        tmp_path / "run",
+        **{"peft.method": "decoder", "train.max_steps": 0, "train.epochs": 2, "data.val_annotations": ""},
+    )
+    half = len(seen) // 2
+    assert seen[:half] == [0] * half and seen[half:] == [1] * half
