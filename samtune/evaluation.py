@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 import torch
+from pycocotools import mask as mask_utils
 
 from samtune.metrics import instance_iou_f1
 
@@ -34,10 +35,19 @@ def predicted_masks(outputs) -> tuple[torch.Tensor, torch.Tensor]:
     return logits[:, :, 0].float(), scores.gather(2, best[:, :, None])[:, :, 0]
 
 
+def encode_rle(mask: torch.Tensor) -> dict:
+    """COCO compressed RLE of a binary (H, W) mask, JSON-ready."""
+    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
 @torch.no_grad()
-def score_batch(outputs, batch: dict, processor) -> list[dict]:
-    """Per-instance records for the valid instances of one evaluation batch."""
-    logits, _ = predicted_masks(outputs)
+def score_batch(outputs, batch: dict, processor, with_rle: bool = False) -> list[dict]:
+    """Per-instance records for the valid instances of one evaluation batch.
+
+    ``with_rle`` adds the predicted mask at original resolution as COCO RLE and the predicted IoU as score.
+    """
+    logits, scores = predicted_masks(outputs)
     masks = processor.post_process_masks(
         logits[:, :, None].cpu(), batch["original_sizes"].cpu(), batch["reshaped_input_sizes"].cpu()
     )
@@ -47,15 +57,17 @@ def score_batch(outputs, batch: dict, processor) -> list[dict]:
         count = int(valid.sum())
         iou, f1 = instance_iou_f1(predicted[:count, 0], batch["masks"][row].cpu(), batch["ignore_full"][row].cpu())
         for k in range(count):
-            records.append(
-                {
-                    "image_id": int(batch["image_id"][row]),
-                    "annotation_id": int(batch["annotation_ids"][row, k]),
-                    "category_id": int(batch["category_ids"][row, k]),
-                    "iou": float(iou[k]),
-                    "f1": float(f1[k]),
-                }
-            )
+            record = {
+                "image_id": int(batch["image_id"][row]),
+                "annotation_id": int(batch["annotation_ids"][row, k]),
+                "category_id": int(batch["category_ids"][row, k]),
+                "iou": float(iou[k]),
+                "f1": float(f1[k]),
+            }
+            if with_rle:
+                record["segmentation"] = encode_rle(predicted[k, 0])
+                record["score"] = float(scores[row, k])
+            records.append(record)
     return records
 
 

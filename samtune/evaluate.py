@@ -1,0 +1,232 @@
+"""Evaluate a SAM model (+ adapter) on a COCO split, per instance at the original image resolution.
+
+    python -m samtune.evaluate --model facebook/sam-vit-base [--adapter runs/x/best] \
+        --annotations val.json --images images/ [--prompt box] [--coco] [--output results.json]
+
+Zero-shot is the same command without --adapter; --compare-base also scores the base alone and prints both.
+The metrics are the training loop's own (samtune.evaluation): mIoU / mF1 are means over instances,
+mIoU_image / mF1_image means over images of their per-image means. JSON holds fractions; the printed table
+percentages. Latency is per image, image encoder and decoder timed apart (CUDA events on a GPU, a monotonic
+clock on a CPU), the first batch excluded as warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from samtune.coco import SKIP_REASONS
+from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
+from samtune.evaluation import PROMPT_KEYS, aggregate, score_batch, uses_multimask
+from samtune.modeling import load_trained
+from samtune.prompts import PROMPT_MODES, PromptConfig
+
+
+class _Clock:
+    """Wall time of GPU work with CUDA events, of CPU work with perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        return end - start
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device) if isinstance(v, torch.Tensor) and k not in ("masks", "ignore_full") else v
+        for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def evaluate_split(
+    model,
+    processor,
+    dataset: SamPromptDataset,
+    batch_size: int = 1,
+    device: str = "cpu",
+    num_workers: int = 0,
+    with_rle: bool = False,
+) -> tuple[dict, list[dict]]:
+    """Metrics, latency and (with ``with_rle``) COCO detections of ``model`` on an evaluation dataset."""
+    device = torch.device(device)
+    model.to(device).eval()
+    clock = _Clock(device)
+    loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    records, encoder_ms, decoder_ms = [], [], []
+    for index, batch in enumerate(tqdm(loader, desc="evaluate", leave=False)):
+        batch = _to(batch, device)
+        images = batch["pixel_values"].shape[0]
+        start = clock.mark()
+        embeddings = model.get_image_embeddings(batch["pixel_values"])
+        middle = clock.mark()
+        prompts = {key: batch[key] for key in PROMPT_KEYS if key in batch}
+        outputs = model(image_embeddings=embeddings, multimask_output=uses_multimask(batch), **prompts)
+        end = clock.mark()
+        if index > 0 or len(loader) == 1:  # the first batch warms up kernels and caches
+            encoder_ms.append(1000 * clock.seconds(start, middle) / images)
+            decoder_ms.append(1000 * clock.seconds(middle, end) / images)
+        records += score_batch(outputs, batch, processor, with_rle=with_rle)
+    metrics = aggregate(records, dataset.source.categories)
+    metrics["latency"] = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({torch.get_num_threads()} threads)",
+        "batch_size": batch_size,
+        "image_encoder_ms": _summary(encoder_ms),
+        "decoder_ms": _summary(decoder_ms),
+    }
+    return metrics, records
+
+
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"median": float("nan"), "p90": float("nan")}
+    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+
+
+def detections(records: list[dict]) -> list[dict]:
+    """COCO results entries (RLE mask, predicted IoU as score) from scored records."""
+    return [
+        {
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "segmentation": r["segmentation"],
+            "score": r["score"],
+        }
+        for r in records
+    ]
+
+
+def coco_metrics(annotation_file: str | Path, results: list[dict]) -> dict:
+    """pycocotools' COCOeval on segmentation masks: AP, AP50, AP75 (fractions)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        truth = COCO(str(annotation_file))
+        if not results:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        predicted = truth.loadRes(copy.deepcopy(results))  # loadRes writes bbox / area / id into its input
+        evaluator = COCOeval(truth, predicted, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap, ap50, ap75 = (float(v) for v in evaluator.stats[:3])
+    return {"AP": ap, "AP50": ap50, "AP75": ap75}
+
+
+def skipped_counts(source: CocoInstanceDataset) -> dict:
+    index = source.index
+    out = {SKIP_REASONS[key]: count for key, count in index.skipped.items() if key in SKIP_REASONS and count}
+    empty = sum(1 for image in index.images if not image.instances)
+    if empty:
+        out["images without instances (nothing to prompt)"] = empty
+    return out
+
+
+def format_table(columns: dict[str, dict]) -> str:
+    """Metrics as percentages, one column per evaluated model."""
+    names = list(columns)
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [f"{'':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    keys = ["mIoU", "mF1", "mIoU_image", "mF1_image"] + (["AP", "AP50", "AP75"] if "coco" in columns[names[0]] else [])
+    for key in keys:
+        cells = [columns[n].get("coco", {}).get(key, columns[n].get(key)) for n in names]
+        lines.append(f"{key:<16}" + "".join(f"{100 * c:>{width}.2f}" for c in cells))
+    categories = sorted({c for n in names for c in columns[n]["per_category"]})
+    for category in categories:
+        cells = [columns[n]["per_category"].get(category, {}).get("mIoU", float("nan")) for n in names]
+        lines.append(f"{'  ' + category:<16}" + "".join(f"{100 * c:>{width}.2f}" for c in cells))
+    first = columns[names[0]]
+    latency = first["latency"]
+    lines.append(
+        f"{first['num_instances']} instances in {first['num_images']} images; per image on "
+        f"{latency['device']}, batch {latency['batch_size']}:"
+    )
+    for n in names:
+        lat = columns[n]["latency"]
+        lines.append(
+            f"  {n}: image encoder {lat['image_encoder_ms']['median']:.1f} ms (p90 "
+            f"{lat['image_encoder_ms']['p90']:.1f}), decoder {lat['decoder_ms']['median']:.1f} ms (p90 "
+            f"{lat['decoder_ms']['p90']:.1f})"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="hub id, SamModel folder or original .pth (the base)")
+    parser.add_argument("--adapter", help="PEFT adapter folder trained on --model")
+    parser.add_argument("--annotations", required=True, type=Path)
+    parser.add_argument("--images", required=True, type=Path)
+    parser.add_argument("--prompt", default="box", choices=PROMPT_MODES)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--max-instances", type=int, default=64, help="prompts per decoder call (chunks)")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--coco", action="store_true", help="also COCO results file + COCOeval segm AP")
+    parser.add_argument("--compare-base", action="store_true", help="also evaluate --model without the adapter")
+    parser.add_argument("--output", type=Path, help="results JSON (COCO results go beside it: *.segm.json)")
+    args = parser.parse_args(argv)
+
+    source = CocoInstanceDataset(args.annotations, args.images)
+    runs = {"fine-tuned" if args.adapter else "model": args.adapter}
+    if args.compare_base and args.adapter:
+        runs = {"zero-shot": None, **runs}
+    columns, results = {}, {}
+    for name, adapter in runs.items():
+        model, processor = load_trained(args.model, adapter, attn_implementation=args.attn_implementation)
+        dataset = SamPromptDataset(source, processor, PromptConfig(mode=args.prompt), args.max_instances, train=False)
+        metrics, records = evaluate_split(
+            model, processor, dataset, args.batch_size, args.device, args.num_workers, with_rle=args.coco
+        )
+        metrics.update(
+            model=args.model,
+            adapter=adapter,
+            annotations=str(args.annotations),
+            prompt=args.prompt,
+            skipped=skipped_counts(source),
+        )
+        if args.coco:
+            found = detections(records)
+            metrics["coco"] = coco_metrics(args.annotations, found)
+            if args.output:
+                path = args.output.with_name(f"{args.output.stem}.{name}.segm.json")
+                path.write_text(json.dumps(found))
+                metrics["coco"]["results_file"] = str(path)
+        columns[name] = metrics
+        results[name] = metrics
+    print(format_table(columns))
+    if source.index.skipped or any(not image.instances for image in source.images):
+        print("not scored: " + "; ".join(f"{count} {why}" for why, count in skipped_counts(source).items()))
+    out = results if len(results) > 1 else next(iter(results.values()))
+    if args.output:
+        args.output.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
