@@ -189,22 +189,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--coco", action="store_true", help="also COCO results file + COCOeval segm AP")
     parser.add_argument("--compare-base", action="store_true", help="also evaluate --model without the adapter")
+    parser.add_argument("--baseline", help="also evaluate this model (e.g. the base of a full / decoder run)")
     parser.add_argument("--output", type=Path, help="results JSON (COCO results go beside it: *.segm.json)")
     args = parser.parse_args(argv)
 
     source = CocoInstanceDataset(args.annotations, args.images)
-    runs = {"fine-tuned" if args.adapter else "model": args.adapter}
-    if args.compare_base and args.adapter:
-        runs = {"zero-shot": None, **runs}
+    runs = {"fine-tuned" if args.adapter or args.baseline else "model": (args.model, args.adapter)}
+    if args.baseline:
+        runs = {"zero-shot": (args.baseline, None), **runs}
+    elif args.compare_base and args.adapter:
+        runs = {"zero-shot": (args.model, None), **runs}
     columns, results = {}, {}
-    for name, adapter in runs.items():
-        model, processor = load_trained(args.model, adapter, attn_implementation=args.attn_implementation)
+    for name, (weights, adapter) in runs.items():
+        model, processor = load_trained(weights, adapter, attn_implementation=args.attn_implementation)
         dataset = SamPromptDataset(source, processor, PromptConfig(mode=args.prompt), args.max_instances, train=False)
         metrics, records = evaluate_split(
             model, processor, dataset, args.batch_size, args.device, args.num_workers, with_rle=args.coco
         )
         metrics.update(
-            model=args.model,
+            model=weights,
             adapter=adapter,
             annotations=str(args.annotations),
             prompt=args.prompt,

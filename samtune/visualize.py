@@ -23,7 +23,7 @@ PALETTE = np.array(
 )
 
 
-def _paint(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+def paint(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     out = image.astype(np.float32).copy()
     for k, mask in enumerate(masks):
         colour = PALETTE[k % len(PALETTE)]
@@ -44,4 +44,4 @@ def overlay_panel(batch: dict, row: int, logits: torch.Tensor, processor) -> np.
     predicted = F.interpolate(logits[row, :count][None].float().cpu(), size=(side, side), mode="bilinear")[0]
     predicted = predicted[:, :height, :width] > 0
     gap = np.full((height, 4, 3), 255, np.uint8)
-    return np.concatenate([_paint(image, truth.numpy()), gap, _paint(image, predicted.numpy())], axis=1)
+    return np.concatenate([paint(image, truth.numpy()), gap, paint(image, predicted.numpy())], axis=1)

@@ -227,3 +227,41 @@ def test_evaluate_agrees_with_training_time_evaluation(tmp_path, coco, tiny_sam_
     truth = COCO(str(coco[0]))
     loaded = truth.loadRes(tuned["coco"]["results_file"])
     assert len(loaded.getAnnIds()) == tuned["num_instances"]
+
+
+def test_evaluate_sh_compares_zero_shot_and_fine_tuned(tmp_path, coco, tiny_sam_dir):
+    import subprocess
+    from pathlib import Path
+
+    from transformers import SamModel, SamProcessor
+
+    repo = Path(__file__).resolve().parent.parent
+    tuned = tmp_path / "tuned"  # a SamModel folder with different weights, as a full or decoder run leaves
+    model = SamModel.from_pretrained(tiny_sam_dir)
+    with torch.no_grad():
+        model.mask_decoder.iou_token.weight.add_(0.5)
+    model.save_pretrained(tuned)
+    SamProcessor.from_pretrained(tiny_sam_dir).save_pretrained(tuned)
+    out = tmp_path / "cmp.json"
+    result = subprocess.run(
+        [
+            "bash",
+            str(repo / "launch" / "evaluate.sh"),
+            str(tiny_sam_dir),
+            str(tuned),
+            str(coco[0]),
+            str(coco[1]),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    header = result.stdout.splitlines()[0]
+    assert "zero-shot" in header and "fine-tuned" in header
+    both = json.loads(out.read_text())
+    assert both["zero-shot"]["model"] == str(tiny_sam_dir) and both["fine-tuned"]["model"] == str(tuned)
+    assert both["zero-shot"]["num_instances"] == both["fine-tuned"]["num_instances"] > 0
