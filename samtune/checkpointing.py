@@ -29,6 +29,7 @@ class TrainerState:
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
     last_train_loss: float | None = None
+    epoch_seconds: list[float] = field(default_factory=list)
     history: list[dict] = field(default_factory=list)
 
 

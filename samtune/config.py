@@ -65,6 +65,13 @@ class DataConfig:
     num_negative_points: int = knob(0, "negative points per instance in training, inside the box, outside the mask")
     num_workers: int = knob(2, "DataLoader worker processes")
     check_images: bool = knob(True, "read every image header when opening the data set (existence, size, EXIF)")
+    cache_embeddings: bool = knob(True, "compute each image's embedding once when nothing in the image encoder trains")
+    embedding_cache_dir: str = knob(
+        "",
+        "folder for cached embeddings, shared between runs; empty: memory, or output_dir/embedding-cache "
+        "when they would take more than data.embedding_cache_memory_gb",
+    )
+    embedding_cache_memory_gb: float = knob(4.0, "largest embedding cache kept in memory, in GB")
 
 
 @dataclass

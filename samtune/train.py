@@ -31,7 +31,8 @@ from samtune.checkpointing import TrainerState, load_checkpoint, resolve_resume,
 from samtune.config import Config, ConfigError, parse_args, save_config
 from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
 from samtune.demo import prepare_demo
-from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_batch
+from samtune.embedding_cache import EmbeddingCache, estimate_bytes, why_not_cacheable
+from samtune.evaluation import PROMPT_KEYS, aggregate, predicted_masks, sam_forward, score_batch, uses_multimask
 from samtune.losses import InstanceLoss, batch_loss
 from samtune.modeling import build_model, format_report, parameter_report, save_trained
 from samtune.prompts import PromptConfig
@@ -68,6 +69,31 @@ def build_loaders(config: Config, processor):
     return train_set, train_loader, val_loader, categories
 
 
+def build_cache(config: Config, model, processor, train_set, val_loader, out: Path) -> EmbeddingCache | None:
+    """An embedding cache when the encoder is frozen and the user did not opt out; the log says which and why."""
+    if not config.data.cache_embeddings:
+        logger.info("image embeddings: recomputed every step (data.cache_embeddings is false)")
+        return None
+    reason = why_not_cacheable(model)
+    if reason:
+        logger.info("image embeddings: recomputed every step, not cached, because %s", reason)
+        return None
+    sources = [train_set.source] + ([val_loader.dataset.source] if val_loader is not None else [])
+    size = estimate_bytes(model, sum(len(source) for source in sources))
+    folder = config.data.embedding_cache_dir or None
+    if folder is None and size > config.data.embedding_cache_memory_gb * 1e9:
+        folder = out / "embedding-cache"
+    cache = EmbeddingCache(model, processor, folder)
+    for split, source in enumerate(sources):
+        cache.register(split, {image.image_id: image.path for image in source.images})
+    logger.info(
+        "image embeddings: cached (%s, about %.2f GB): the image encoder runs once per image",
+        f"in {cache.folder}" if cache.folder else "in memory",
+        size / 1e9,
+    )
+    return cache
+
+
 def build_optimizer(config: Config, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     train = config.train
     # an optimizer needs at least one tensor; with nothing to train (method none) it never steps
@@ -83,13 +109,16 @@ def build_optimizer(config: Config, parameters: list[torch.nn.Parameter]) -> tor
     raise ConfigError(f"train.optimizer must be adamw or adamw8bit, got {train.optimizer!r}")
 
 
-def evaluate(model, loader, processor, accelerator: Accelerator, categories: dict[int, str], images: int = 0):
+def evaluate(
+    model, loader, processor, accelerator: Accelerator, categories: dict[int, str], images: int = 0, forward=None
+):
     """Metrics over the whole validation split (each instance once, whatever the process count), and overlays."""
     model.eval()
+    forward = forward or (lambda batch: sam_forward(model, batch))
     records, panels = [], []
     for batch in tqdm(loader, desc="eval", disable=not accelerator.is_local_main_process, leave=False):
         with torch.no_grad():
-            outputs = sam_forward(model, batch)
+            outputs = forward(batch)
         records += score_batch(outputs, batch, processor)
         if accelerator.is_main_process and len(panels) < images:
             logits, _ = predicted_masks(outputs)
@@ -168,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = parameter_report(model)
     with accelerator.main_process_first():
         train_set, train_loader, val_loader, categories = build_loaders(config, processor)
+    cache = build_cache(config, model, processor, train_set, val_loader, out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable)
     steps_per_epoch = math.ceil(len(train_loader) / (train_cfg.grad_accum * accelerator.num_processes))
@@ -184,6 +214,17 @@ def main(argv: list[str] | None = None) -> dict:
     accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in vars(train_cfg).items()})
     tracker = accelerator.get_tracker("tensorboard") if accelerator.is_main_process else None
     loss_fn = InstanceLoss(train_cfg.dice_weight, train_cfg.focal_weight, train_cfg.iou_weight)
+    encoder = accelerator.unwrap_model(model)
+
+    def forward(batch: dict, split: int):
+        """The model on a batch; with the cache, the image encoder only runs for images it has not seen."""
+        if cache is None:
+            return sam_forward(model, batch)
+        with accelerator.autocast():
+            embeddings = cache.embeddings(split, batch["image_id"], batch["pixel_values"], encoder.get_image_embeddings)
+        prompts = {key: batch[key] for key in PROMPT_KEYS if key in batch}
+        return model(image_embeddings=embeddings, multimask_output=uses_multimask(batch), **prompts)
+
     logger.info(
         "samtune\n%s\nparameters per part:\n%s",
         banner(config, accelerator, report, train_set, val_loader, total_steps),
@@ -223,7 +264,15 @@ def main(argv: list[str] | None = None) -> dict:
     def validate(kind: str, train_loss: float | None) -> dict | None:
         if val_loader is None:
             return None
-        metrics, panels = evaluate(model, val_loader, processor, accelerator, categories, train_cfg.log_images)
+        metrics, panels = evaluate(
+            model,
+            val_loader,
+            processor,
+            accelerator,
+            categories,
+            train_cfg.log_images,
+            forward=lambda batch: forward(batch, 1),
+        )
         record(kind, metrics, panels, train_loss)
         logger.info(
             "step %d %s: val mIoU %.4f mF1 %.4f (%d instances)",
@@ -260,13 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
     while state.step < total_steps and not stop_reason:
         train_loader.set_epoch(state.epoch)  # the sampler's order
         train_set.set_epoch(state.epoch)  # instance subsets and prompts (accelerate only sets the sampler's)
-        loader = train_loader
+        loader, epoch_start = train_loader, time.perf_counter()
         if state.batches_in_epoch:
             loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         for batch in loader:
             state.batches_in_epoch += 1
             with accelerator.accumulate(model):
-                losses = batch_loss(sam_forward(model, batch), batch, loss_fn)
+                losses = batch_loss(forward(batch, 0), batch, loss_fn)
                 finite = accelerator.gather(torch.isfinite(losses["loss"].detach()).float()[None]).min() > 0
                 if finite:
                     accelerator.backward(losses["loss"])
@@ -334,8 +383,17 @@ def main(argv: list[str] | None = None) -> dict:
             elif train_cfg.stop_at and state.step >= train_cfg.stop_at and state.step < total_steps:
                 stop_reason = f"train.stop_at {train_cfg.stop_at}"
             if stop_reason or state.step >= total_steps:
+                if not stop_reason:  # the last epoch, whole or cut short by train.max_steps
+                    state.epoch_seconds.append(time.perf_counter() - epoch_start)
                 break
         else:
+            state.epoch_seconds.append(time.perf_counter() - epoch_start)
+            logger.info(
+                "epoch %d took %.1f s%s",
+                state.epoch,
+                state.epoch_seconds[-1],
+                f" (embedding cache: {cache.hits} hits, {cache.misses} misses)" if cache else "",
+            )
             state.epoch += 1
             state.batches_in_epoch = 0
     progress.close()
@@ -373,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "best_step": state.best_step,
                 "best_mIoU": state.best_miou if state.best_step >= 0 else None,
                 "nonfinite_steps": state.nonfinite_total,
+                "epoch_seconds": state.epoch_seconds,
+                "embedding_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
                 **results,
             }
             (out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -41,3 +41,12 @@ def test_param_counts_match_known_sizes():
     lora = next(r for r in rows if r["method"] == "lora" and r["targets"] == "encoder-attn")
     # rank 8 on qkv (768 -> 2304) and proj (768 -> 768) in 12 layers
     assert lora["trainable"] == 12 * 8 * ((768 + 2304) + (768 + 768))
+
+
+def test_cached_epochs_quick(tmp_path):
+    result = _load("cached_epochs").main(
+        ["--preset", "tiny", "--images", "2", "--epochs", "2", "--json", str(tmp_path / "c.json")]
+    )
+    assert len(result["epoch_seconds"]["cached"]) == len(result["epoch_seconds"]["recomputed"]) == 2
+    assert all(math.isfinite(v) and v > 0 for v in result["epoch_seconds"]["cached"])
+    assert result["speedup_after_first"] > 0

@@ -66,6 +66,10 @@ def _weights(folder):
 def _assert_same_weights(a, b, atol):
     assert a.keys() == b.keys()
     for key in a:
+        # An attention key bias shifts all of a query's logits alike, so softmax cancels it: its true gradient is
+        # 0 and Adam turns rounding noise (say, embeddings recomputed in other batches) into lr-sized steps.
+        if key.endswith("k_proj.bias"):
+            continue
         torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
 
 
@@ -144,11 +148,13 @@ def test_batch_4_equals_batch_2_with_accumulation_2(tmp_path, tiny_sam_dir):
     _assert_same_weights(_weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final"), atol=1e-5)
 
 
-def test_resume_continues_exactly(tmp_path, splits, tiny_sam_dir):
-    # 2N steps straight versus N steps, stop, resume, N more: 3 steps per epoch, so the stop falls mid-epoch
+@pytest.mark.parametrize(("method", "targets"), [("dora", "all-linear"), ("decoder", "peft-sam")])
+def test_resume_continues_exactly(tmp_path, splits, tiny_sam_dir, method, targets):
+    # 2N steps straight versus N steps, stop, resume, N more: 3 steps per epoch, so the stop falls mid-epoch.
+    # The decoder run uses the (in-memory) embedding cache, rebuilt after the resume.
     common = {
-        "peft.method": "dora",
-        "peft.targets": "all-linear",
+        "peft.method": method,
+        "peft.targets": targets,
         "train.max_steps": 8,
         "train.eval_every": 4,
         "train.batch_size": 3,
@@ -162,7 +168,14 @@ def test_resume_continues_exactly(tmp_path, splits, tiny_sam_dir):
     resumed = _run(splits, tiny_sam_dir, tmp_path / "resumed", **common, **{"train.resume_from": "latest"})
     _assert_same_weights(_weights(tmp_path / "straight" / "final"), _weights(tmp_path / "resumed" / "final"), 1e-6)
     assert resumed["final"]["mIoU"] == straight["final"]["mIoU"]
-    assert _lines(tmp_path / "straight") == _lines(tmp_path / "resumed")
+    # the same log (numbers to float noise: the decoder run re-encodes its images after the resume)
+    for a, b in zip(_lines(tmp_path / "straight"), _lines(tmp_path / "resumed"), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if isinstance(a[key], float):
+                assert a[key] == pytest.approx(b[key], rel=1e-5), key
+            elif key != "per_category":
+                assert a[key] == b[key], key
 
 
 def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path, splits, tiny_sam_dir):
@@ -312,8 +325,9 @@ def test_two_process_ddp_matches_a_single_process_evaluation(tmp_path, splits, t
     from samtune.train import evaluate
 
     out = tmp_path / "ddp"
+    # adapters in the decoder only: each process also keeps its own embedding cache
     args = _argv(
-        splits, tiny_sam_dir, out, **{"peft.method": "lora", "peft.targets": "all-linear", "train.log_images": 0}
+        splits, tiny_sam_dir, out, **{"peft.method": "lora", "peft.targets": "decoder-attn", "train.log_images": 0}
     )
     process = _launch(
         args, processes=2, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -326,7 +340,7 @@ def test_two_process_ddp_matches_a_single_process_evaluation(tmp_path, splits, t
         pytest.fail(f"2-process run did not finish in 180 s:\n{log[-5000:]}")
     assert process.returncode == 0, log[-3000:]
     summary = json.loads((out / "results.json").read_text())
-    assert summary["ranks_in_sync"] and "2 x cpu" in log
+    assert summary["ranks_in_sync"] and "2 x cpu" in log and "image embeddings: cached" in log
     model, processor = load_trained(tiny_sam_dir, out / "final")
     source = CocoInstanceDataset(*splits["val"])
     loader = make_loader(SamPromptDataset(source, processor, PromptConfig("box"), 16, train=False), batch_size=3)
