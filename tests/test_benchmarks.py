@@ -50,3 +50,38 @@ def test_cached_epochs_quick(tmp_path):
     assert len(result["epoch_seconds"]["cached"]) == len(result["epoch_seconds"]["recomputed"]) == 2
     assert all(math.isfinite(v) and v > 0 for v in result["epoch_seconds"]["cached"])
     assert result["speedup_after_first"] > 0
+
+
+def test_latency_quick(tmp_path):
+    out = tmp_path / "latency.json"
+    rows = _load("latency").main(
+        [
+            "--quick",
+            "--rows",
+            "sdpa-fp32",
+            "eager-fp32",
+            "sdpa-bf16",
+            "sdpa-fp32-unmerged",
+            "sdpa-fp32-merged",
+            "--json",
+            str(out),
+        ]
+    )
+    saved = json.loads(out.read_text())
+    assert saved["rows"] == rows and "random weights" in saved["meta"]["model"]
+    for row in rows:
+        assert "error" not in row, row
+        numbers = [
+            row["encoder"]["median_ms"],
+            row["encoder"]["p90_ms"],
+            row["decoder_per_prompt_ms"],
+            row["end_to_end"]["median_ms"],
+            row["images_per_s"],
+            row["peak_memory_mib"],
+            row["encoder_gflop"],
+            row["achieved_gflops"],
+            row["matmul_peak_gflops"],
+            row["percent_of_peak"],
+        ]
+        assert all(math.isfinite(v) and v > 0 for v in numbers), row
+    assert rows[0]["encoder_gflop"] == rows[1]["encoder_gflop"]  # eager and sdpa do the same work

@@ -1,0 +1,247 @@
+"""Inference latency of SAM: image encoder, decoder per prompt, end to end; images/s, memory, FLOP/s.
+
+    python benchmarks/latency.py [--preset vit-b | --model PATH] [--rows sdpa-fp32 eager-fp32 sdpa-bf16 ...]
+        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--json out.json]
+    python benchmarks/latency.py --quick        # tiny model: what the tests run
+
+On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock
+around the call (the thread count is printed). Median and p90 over --repeats. A row is
+ATTENTION-PRECISION[-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast);
+adapter unmerged or merged (LoRA rank 8 on the encoder's attention and MLP, random non-zero weights); compile
+wraps the image encoder in torch.compile (its compile time is reported apart). Presets are the published
+architectures with random weights (latency depends on the architecture only; the output says so); --model
+takes any SamModel folder or hub id. Achieved GFLOP/s = the encoder's FLOPs (torch's FLOP counter) / its
+median time, against the matmul peak measured on the same device in the same run, in the row's precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from samtune.config import ModelConfig, PeftConfig  # noqa: E402
+from samtune.modeling import apply_method, load_sam  # noqa: E402
+from samtune.presets import PRESETS, save_random_preset  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_ROWS = ["sdpa-fp32", "eager-fp32", "sdpa-bf16", "sdpa-fp32-unmerged", "sdpa-fp32-merged"]
+GPU_ROWS = [
+    "sdpa-fp32",
+    "eager-fp32",
+    "sdpa-bf16",
+    "sdpa-fp16",
+    "sdpa-bf16-unmerged",
+    "sdpa-bf16-merged",
+    "sdpa-bf16-compile",
+]
+
+
+def parse_row(row: str) -> dict:
+    parts = row.split("-")
+    spec = {"attention": parts[0], "precision": parts[1], "adapter": "plain", "compile": False}
+    for part in parts[2:]:
+        if part in ("unmerged", "merged"):
+            spec["adapter"] = part
+        elif part == "compile":
+            spec["compile"] = True
+        else:
+            raise ValueError(f"unknown row part {part!r} in {row!r}")
+    if spec["attention"] not in ("sdpa", "eager") or spec["precision"] not in DTYPES:
+        raise ValueError(f"bad row {row!r}: attention sdpa|eager, precision fp32|bf16|fp16")
+    return spec
+
+
+class Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn) -> float:
+        """Seconds one call of ``fn`` takes."""
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        begin = time.perf_counter()
+        fn()
+        return time.perf_counter() - begin
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, timer: Timer) -> float:
+    """GFLOP/s of a large square matrix product on this device, in this precision (best of 5)."""
+    side = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(side, side, device=device, dtype=dtype)
+    b = torch.randn(side, side, device=device, dtype=dtype)
+    best = min(timer(lambda: torch.mm(a, b)) for _ in range(5 if device.type == "cuda" else 3))
+    return 2 * side**3 / best / 1e9
+
+
+def build(folder: str, spec: dict, device: torch.device):
+    model, processor = load_sam(ModelConfig(folder, attn_implementation=spec["attention"]))
+    if spec["adapter"] != "plain":
+        model = apply_method(model, PeftConfig(method="lora", targets="encoder-attn-mlp", rank=8, dropout=0.0))
+        with torch.no_grad():  # non-zero adapters, so merged and unmerged compute something real
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.01)
+        if spec["adapter"] == "merged":
+            model = model.merge_and_unload()
+    return model.to(device).eval(), processor
+
+
+def _stats(seconds: list[float]) -> dict:
+    ms = np.array(seconds) * 1000
+    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
+
+
+@torch.inference_mode()
+def measure(folder: str, row: str, args, device: torch.device, timer: Timer, peaks: dict) -> dict:
+    spec = parse_row(row)
+    dtype = DTYPES[spec["precision"]]
+    if spec["precision"] == "fp16" and device.type == "cpu":
+        raise ValueError("fp16 autocast is for GPUs")
+    model, _ = build(folder, spec, device)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    side = base.config.vision_config.image_size
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(args.batch_size, 3, side, side, generator=generator).to(device)
+    corners = torch.rand(args.batch_size, args.prompts, 2, 2, generator=generator) * (side - 1)
+    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1).to(device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    compile_s = None
+    if spec["compile"]:
+        base.vision_encoder = torch.compile(base.vision_encoder)
+        with autocast:
+            compile_s = timer(lambda: model.get_image_embeddings(pixels))
+    with autocast:
+        embeddings = model.get_image_embeddings(pixels)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times: dict[str, list[float]] = {"encoder": [], "decoder": [], "end_to_end": []}
+    calls = {
+        "encoder": lambda: model.get_image_embeddings(pixels),
+        "decoder": lambda: model(image_embeddings=embeddings, input_boxes=boxes, multimask_output=False),
+        "end_to_end": lambda: model(pixel_values=pixels, input_boxes=boxes, multimask_output=False),
+    }
+    with autocast:
+        for part, call in calls.items():
+            for step in range(args.warmup + args.repeats):
+                seconds = timer(call)
+                if step >= args.warmup:
+                    times[part].append(seconds)
+    flops = FlopCounterMode(display=False)  # counted in fp32: the FLOP count does not depend on precision
+    with flops:
+        model.get_image_embeddings(pixels[:1])
+    encoder_flops = flops.get_total_flops() * args.batch_size
+    if spec["precision"] not in peaks:
+        peaks[spec["precision"]] = matmul_peak(device, dtype, timer)
+    encoder = _stats(times["encoder"])
+    gflops = encoder_flops / (encoder["median_ms"] / 1000) / 1e9
+    if device.type == "cuda":
+        memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator peak"
+    else:
+        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    end_to_end = _stats(times["end_to_end"])
+    return {
+        "row": row,
+        **spec,
+        "batch_size": args.batch_size,
+        "prompts": args.prompts,
+        "encoder": encoder,
+        "decoder": _stats(times["decoder"]),
+        "decoder_per_prompt_ms": _stats(times["decoder"])["median_ms"] / (args.batch_size * args.prompts),
+        "end_to_end": end_to_end,
+        "images_per_s": args.batch_size / (end_to_end["median_ms"] / 1000),
+        "peak_memory_mib": memory,
+        "peak_memory_kind": memory_kind,
+        "compile_s": compile_s,
+        "encoder_gflop": encoder_flops / 1e9,
+        "achieved_gflops": gflops,
+        "matmul_peak_gflops": peaks[spec["precision"]],
+        "percent_of_peak": 100 * gflops / peaks[spec["precision"]],
+    }
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu, {torch.get_num_threads()} threads"
+
+
+def table(rows: list[dict]) -> str:
+    baseline = next((r for r in rows if "error" not in r), None)
+    lines = [
+        "| row | encoder ms (p90) | decoder ms / prompt | end to end ms | vs first row | images/s | "
+        "peak MiB | GFLOP/s (% of matmul peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['error']} | | | | | | |")
+            continue
+        ratio = baseline["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
+        lines.append(
+            f"| {r['row']} | {r['encoder']['median_ms']:.1f} ({r['encoder']['p90_ms']:.1f}) | "
+            f"{r['decoder_per_prompt_ms']:.2f} | {r['end_to_end']['median_ms']:.1f} | {ratio:.2f}x | "
+            f"{r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} | {r['achieved_gflops']:.0f} "
+            f"({r['percent_of_peak']:.0f}%) |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="vit-b", choices=PRESETS)
+    parser.add_argument("--model", help="a SamModel folder or hub id instead of a preset")
+    parser.add_argument("--rows", nargs="+")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--prompts", type=int, default=1, help="box prompts per image")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.preset, args.model, args.repeats, args.warmup = "tiny", None, 2, 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    rows_wanted = args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)
+    timer, peaks, rows = Timer(device), {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or str(save_random_preset(args.preset, Path(tmp) / args.preset))
+        for row in rows_wanted:
+            try:
+                rows.append(measure(folder, row, args, device, timer, peaks))
+            except (RuntimeError, ValueError) as error:
+                rows.append({"row": row, "error": f"{type(error).__name__}: {str(error)[:160]}"})
+    weights = args.model or f"{args.preset} architecture, random weights"
+    print(
+        f"{weights}; {describe(device)}; batch {args.batch_size}, {args.prompts} box prompt(s) per image; "
+        f"median of {args.repeats} after {args.warmup} warm-up; torch {torch.__version__}"
+    )
+    print(table(rows))
+    if args.json:
+        meta = {"model": weights, "device": describe(device), "torch": torch.__version__, "pid": os.getpid()}
+        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
