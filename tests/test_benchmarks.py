@@ -5,6 +5,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -84,4 +86,6 @@ def test_latency_quick(tmp_path):
             row["percent_of_peak"],
         ]
         assert all(math.isfinite(v) and v > 0 for v in numbers), row
-    assert rows[0]["encoder_gflop"] == rows[1]["encoder_gflop"]  # eager and sdpa do the same work
+    # eager and sdpa do the same work, counted through different ops (SDPA has its own FLOP formula)
+    assert rows[1]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.2)
+    assert rows[3]["encoder_gflop"] > rows[4]["encoder_gflop"]  # unmerged adapters add their own matmuls
