@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--preset", default="vit-b", choices=PRESETS)
     parser.add_argument("--model", help="a SamModel folder or hub id instead of a preset")
     parser.add_argument("--rows", nargs="+")
+    parser.add_argument("--image-size", type=int, help="input size of the preset (default: its own, 1024)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=1, help="box prompts per image")
     parser.add_argument("--repeats", type=int, default=5)
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows_wanted = args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)
     timer, peaks, rows = Timer(device), {}, []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.model or str(save_random_preset(args.preset, Path(tmp) / args.preset))
+        folder = args.model or str(save_random_preset(args.preset, Path(tmp) / args.preset, image_size=args.image_size))
         for row in rows_wanted:
             try:
                 rows.append(measure(folder, row, args, device, timer, peaks))

@@ -122,6 +122,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--preset", default="vit-b", choices=PRESETS)
     parser.add_argument("--methods", nargs="+", default=["full", "decoder", "lora", "dora", "qlora", "qdora"])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument("--image-size", type=int, help="input size of the preset (default: its own, 1024)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--instances", type=int, default=8)
     parser.add_argument("--targets", default="peft-sam")
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_random_preset(args.preset, Path(tmp) / args.preset)
+        folder = save_random_preset(args.preset, Path(tmp) / args.preset, image_size=args.image_size)
         for method in args.methods:
             for precision in args.precision:
                 try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import SamConfig, SamModel, SamVisionConfig
+from transformers import SamConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
 
 from samtune.tiny import processor_for, tiny_sam_config
 
@@ -51,18 +51,23 @@ ARCHITECTURES = {
 PRESETS = (*ARCHITECTURES, "tiny")
 
 
-def preset_config(name: str) -> SamConfig:
+def preset_config(name: str, image_size: int | None = None) -> SamConfig:
+    """The preset's config, optionally at another input size (a multiple of 16; SAM's own is 1024)."""
     if name == "tiny":
-        return tiny_sam_config()
+        return tiny_sam_config(**({"image_size": image_size} if image_size else {}))
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")
-    return SamConfig(vision_config=SamVisionConfig(**ARCHITECTURES[name], initializer_range=0.02))
+    size = {"image_size": image_size} if image_size else {}
+    return SamConfig(
+        vision_config=SamVisionConfig(**ARCHITECTURES[name], initializer_range=0.02, **size),
+        prompt_encoder_config=SamPromptEncoderConfig(**size),
+    )
 
 
-def save_random_preset(name: str, folder: str | Path, seed: int = 0) -> Path:
+def save_random_preset(name: str, folder: str | Path, seed: int = 0, image_size: int | None = None) -> Path:
     """A randomly initialised model of the preset's architecture, saved with its processor."""
     folder = Path(folder)
-    config = preset_config(name)
+    config = preset_config(name, image_size)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SamModel(config)
