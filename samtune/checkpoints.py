@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from transformers import (
     SamConfig,
-    SamImageProcessorPil,
     SamMaskDecoderConfig,
     SamModel,
     SamProcessor,
     SamPromptEncoderConfig,
     SamVisionConfig,
 )
+
+from samtune.tiny import processor_for
 
 # Renames from the original module tree to transformers' (applied in order, as substrings).
 _RENAMES = [
@@ -151,17 +152,7 @@ def load_original_checkpoint(path: str | Path, attn_implementation: str = "sdpa"
     )
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not fit SamModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    size = config.vision_config.image_size
-    mask = 4 * (size // config.vision_config.patch_size)
-    processor = SamProcessor(
-        SamImageProcessorPil(
-            size={"longest_edge": size},
-            pad_size={"height": size, "width": size},
-            mask_size={"longest_edge": mask},
-            mask_pad_size={"height": mask, "width": mask},
-        )
-    )
-    return model.eval(), processor
+    return model.eval(), processor_for(config)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from transformers import SamConfig, SamModel, SamPromptEncoderConfig, SamVisionConfig
+from transformers import SamConfig, SamPromptEncoderConfig, SamVisionConfig
 
-from samtune.tiny import processor_for, tiny_sam_config
+from samtune.tiny import save_random_sam, tiny_sam_config
 
 # Image-encoder shapes (the prompt encoder and the mask decoder are the same in all of them).
 ARCHITECTURES = {
@@ -66,11 +65,4 @@ def preset_config(name: str, image_size: int | None = None) -> SamConfig:
 
 def save_random_preset(name: str, folder: str | Path, seed: int = 0, image_size: int | None = None) -> Path:
     """A randomly initialised model of the preset's architecture, saved with its processor."""
-    folder = Path(folder)
-    config = preset_config(name, image_size)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = SamModel(config)
-    model.save_pretrained(folder)
-    processor_for(config).save_pretrained(folder)
-    return folder
+    return save_random_sam(preset_config(name, image_size), folder, seed)

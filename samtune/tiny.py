@@ -68,13 +68,17 @@ def processor_for(config: SamConfig) -> SamProcessor:
     return SamProcessor(image_processor=image_processor)
 
 
-def save_tiny_sam(folder: str | Path, seed: int = 0, **config_kwargs: int) -> Path:
-    """Build a tiny random SAM and its processor and save both to ``folder``."""
+def save_random_sam(config: SamConfig, folder: str | Path, seed: int = 0) -> Path:
+    """A SamModel with random weights for ``config`` and its processor, saved like a hub checkpoint."""
     folder = Path(folder)
-    config = tiny_sam_config(**config_kwargs)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = SamModel(config)
     model.save_pretrained(folder)
     processor_for(config).save_pretrained(folder)
     return folder
+
+
+def save_tiny_sam(folder: str | Path, seed: int = 0, **config_kwargs: int) -> Path:
+    """Build a tiny random SAM and its processor and save both to ``folder``."""
+    return save_random_sam(tiny_sam_config(**config_kwargs), folder, seed)
