@@ -40,3 +40,27 @@ def coco_copy(coco, tmp_path) -> tuple[Path, Path, dict]:
     annotation_file, image_dir = coco
     data = json.loads(Path(annotation_file).read_text())
     return tmp_path / "annotations.json", image_dir, data
+
+
+@pytest.fixture
+def train_tiny(tiny_sam_dir):
+    """Run samtune.train on the tiny model: train_tiny(out, train_split, val_split, **{"section.key": value})."""
+    from samtune.train import main
+
+    def run(out: Path, train_split: tuple[Path, Path], val_split: tuple[Path, Path], **overrides) -> dict:
+        argv = {
+            "model.name_or_path": tiny_sam_dir,
+            "data.train_annotations": train_split[0],
+            "data.train_images": train_split[1],
+            "data.val_annotations": val_split[0],
+            "data.val_images": val_split[1],
+            "data.num_workers": 0,
+            "train.max_steps": 3,
+            "train.lr": 1e-2,
+            "train.log_images": 0,
+            "output_dir": out,
+            **overrides,
+        }
+        return main([item for key, value in argv.items() for item in (f"--{key}", str(value))])
+
+    return run

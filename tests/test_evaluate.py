@@ -164,40 +164,12 @@ def test_perfect_predictions_give_coco_ap_1(coco, tmp_path):
     assert coco_metrics(annotation_file, shifted)["AP75"] < 1.0
 
 
-def test_evaluate_agrees_with_training_time_evaluation(tmp_path, coco, tiny_sam_dir):
+def test_evaluate_agrees_with_training_time_evaluation(tmp_path, coco, tiny_sam_dir, train_tiny):
     from samtune.synthetic import SyntheticSpec, make_synthetic_coco
-    from samtune.train import main as train_main
 
     train = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=6, seed=1))
     out = tmp_path / "run"
-    trained = train_main(
-        [
-            "--model.name_or_path",
-            str(tiny_sam_dir),
-            "--peft.method",
-            "lora",
-            "--peft.targets",
-            "all-linear",
-            "--data.train_annotations",
-            str(train[0]),
-            "--data.train_images",
-            str(train[1]),
-            "--data.val_annotations",
-            str(coco[0]),
-            "--data.val_images",
-            str(coco[1]),
-            "--data.num_workers",
-            "0",
-            "--train.max_steps",
-            "3",
-            "--train.lr",
-            "1e-2",
-            "--train.log_images",
-            "0",
-            "--output_dir",
-            str(out),
-        ]
-    )
+    trained = train_tiny(out, train, coco, **{"peft.method": "lora", "peft.targets": "all-linear"})
     output = tmp_path / "eval.json"
     results = evaluate_main(
         [

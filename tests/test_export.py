@@ -9,41 +9,13 @@ import torch
 from samtune.export import main as export
 from samtune.modeling import load_trained
 from samtune.synthetic import SyntheticSpec, make_synthetic_coco
-from samtune.train import main as train
 
 
-def test_export_from_a_run_folder(tmp_path, tiny_sam_dir):
+def test_export_from_a_run_folder(tmp_path, tiny_sam_dir, train_tiny):
     train_split = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=5, seed=1))
     val_split = make_synthetic_coco(tmp_path / "val", SyntheticSpec(num_images=3, seed=2))
     run = tmp_path / "run"
-    train(
-        [
-            "--model.name_or_path",
-            str(tiny_sam_dir),
-            "--peft.method",
-            "dora",
-            "--peft.targets",
-            "all-linear",
-            "--data.train_annotations",
-            str(train_split[0]),
-            "--data.train_images",
-            str(train_split[1]),
-            "--data.val_annotations",
-            str(val_split[0]),
-            "--data.val_images",
-            str(val_split[1]),
-            "--data.num_workers",
-            "0",
-            "--train.max_steps",
-            "3",
-            "--train.lr",
-            "1e-2",
-            "--train.log_images",
-            "0",
-            "--output_dir",
-            str(run),
-        ]
-    )
+    train_tiny(run, train_split, val_split, **{"peft.method": "dora", "peft.targets": "all-linear"})
     out = export(["--adapter", str(run / "final"), "--out", str(tmp_path / "exported")])
     card = (out / "README.md").read_text()
     assert "base_model: " + str(tiny_sam_dir) in card and "method `dora`" in card
