@@ -58,7 +58,13 @@ class DataConfig:
     train_images: str = knob("", "image folder of the training split (file_name is relative to it)")
     val_annotations: str = knob("", "COCO JSON of the validation split")
     val_images: str = knob("", "image folder of the validation split")
-    prompt: str = knob("box", "prompt per instance: box, point, box+point, or none (target = union of instances)")
+    test_annotations: str = knob("", "COCO JSON of a held-out test split, scored zero-shot and with the best weights")
+    test_images: str = knob("", "image folder of the test split")
+    prompt: str = knob(
+        "box",
+        "prompt per instance: box, point, box+point, mixed (each training step draws box, point or both; "
+        "evaluation uses boxes), or none (target = union of instances)",
+    )
     max_instances: int = knob(16, "instances per image in one step (random subset in training, chunks in eval)")
     box_jitter: float = knob(0.1, "training box noise: max shift of each side as a fraction of the box side")
     num_points: int = knob(1, "positive points per instance in training (evaluation uses one fixed point)")
@@ -187,9 +193,14 @@ def _flatten(data: object, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, object] | None = None, base: dict[str, object] | None = None
+) -> Config:
+    """Defaults, then ``base`` (dotted keys, e.g. the demo's settings), then the YAML file at ``path``, then
+    ``overrides`` (dotted keys)."""
     config = Config()
+    for key, value in (base or {}).items():
+        set_value(config, key, value)
     if path:
         try:
             data = yaml.safe_load(Path(path).read_text()) or {}
@@ -239,10 +250,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None, description: str = "") -> Config:
+def parse_args(argv: list[str] | None = None, description: str = "", base: dict[str, object] | None = None) -> Config:
     args = vars(build_parser(description).parse_args(argv))
     path = args.pop("config", None)
-    return load_config(path, args)
+    return load_config(path, args, base)
 
 
 __all__ = [

@@ -245,6 +245,26 @@ def save_trained(model: torch.nn.Module, processor: SamProcessor, folder: str | 
     return folder
 
 
+def load_saved_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Put weights that ``save_trained`` wrote back into the live model it wrote them from (e.g. the best ones)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if is_adapter_folder(folder):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors", device="cpu"))
+        return
+    state = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(shard, device="cpu"))
+    if not state:
+        raise FileNotFoundError(f"{folder}: no model*.safetensors or adapter_model.safetensors to load")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{folder}: weights the model does not have: {unexpected[:5]}")
+
+
 def is_adapter_folder(folder: str | Path) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 

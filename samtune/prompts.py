@@ -9,12 +9,14 @@ fixed prompts: the tight box, and the interior point farthest from the boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-PROMPT_MODES = ("box", "point", "box+point", "none")
+PROMPT_MODES = ("box", "point", "box+point", "mixed", "none")
+# "mixed" trains each step with boxes, points or both (drawn per step, as SAM was trained) and evaluates with boxes.
+MIXED_KINDS = ("box", "point", "box+point")
 PAD_LABEL = -10  # SAM's prompt encoder ignores points with this label
 
 
@@ -35,11 +37,11 @@ class PromptConfig:
 
     @property
     def uses_boxes(self) -> bool:
-        return "box" in self.mode
+        return "box" in self.mode or self.mode == "mixed"
 
     @property
     def uses_points(self) -> bool:
-        return "point" in self.mode
+        return "point" in self.mode or self.mode == "mixed"
 
 
 def box_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -102,6 +104,8 @@ def make_prompts(masks: np.ndarray, config: PromptConfig, rng: np.random.Generat
     prompts: dict[str, np.ndarray] = {}
     if config.mode == "none":
         return prompts
+    if config.mode == "mixed" and rng is None:
+        config = replace(config, mode="box")
     height, width = masks.shape[1:]
     if len(masks) == 0:
         if config.uses_boxes:
@@ -129,3 +133,11 @@ def make_prompts(masks: np.ndarray, config: PromptConfig, rng: np.random.Generat
         prompts["points"] = points.astype(np.float32)
         prompts["point_labels"] = labels
     return prompts
+
+
+def keep_prompt_kind(batch: dict, kind: str) -> dict:
+    """The batch with only the prompts of ``kind`` (one of ``MIXED_KINDS``): a "mixed" training step's draw."""
+    if kind not in MIXED_KINDS:
+        raise ValueError(f"prompt kind must be one of {MIXED_KINDS}, got {kind!r}")
+    drop = {"box": ("input_points", "input_labels"), "point": ("input_boxes",), "box+point": ()}[kind]
+    return {key: value for key, value in batch.items() if key not in drop}

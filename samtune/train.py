@@ -30,28 +30,39 @@ from transformers import get_scheduler
 from samtune.checkpointing import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
 from samtune.config import Config, ConfigError, parse_args, save_config
 from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
-from samtune.demo import prepare_demo
+from samtune.demo import DEMO_RUN, prepare_demo
 from samtune.embedding_cache import EmbeddingCache, estimate_bytes, why_not_cacheable
 from samtune.evaluation import PROMPT_KEYS, aggregate, predicted_masks, sam_forward, score_batch, uses_multimask
 from samtune.losses import InstanceLoss, batch_loss
-from samtune.modeling import build_model, format_report, parameter_report, save_trained
-from samtune.prompts import PromptConfig
+from samtune.modeling import build_model, format_report, load_saved_weights, parameter_report, save_trained
+from samtune.prompts import MIXED_KINDS, PromptConfig, keep_prompt_kind
 from samtune.visualize import overlay_panel
 
 logger = logging.getLogger("samtune.train")
 
 
+def parse_config(argv: list[str] | None = None) -> Config:
+    """The run's config; with neither model nor training data given, the demo's settings under the user's keys."""
+    config = parse_args(argv, description=__doc__)
+    if not config.model.name_or_path and not config.data.train_annotations:
+        config = parse_args(argv, description=__doc__, base=DEMO_RUN)
+    return config
+
+
 def fill_demo_defaults(config: Config) -> None:
-    """Point empty model / data keys at the built-in demo (demo validation data only with demo training data)."""
+    """Point empty model / data keys at the built-in demo (demo val / test data only with demo training data)."""
     if config.model.name_or_path and config.data.train_annotations:
         return
     demo = prepare_demo()
     if not config.model.name_or_path:
         config.model.name_or_path = str(demo.model)
     if not config.data.train_annotations:
-        config.data.train_annotations, config.data.train_images = str(demo.train_annotations), str(demo.train_images)
-        if not config.data.val_annotations:
-            config.data.val_annotations, config.data.val_images = str(demo.val_annotations), str(demo.val_images)
+        data = config.data
+        data.train_annotations, data.train_images = str(demo.train_annotations), str(demo.train_images)
+        if not data.val_annotations:
+            data.val_annotations, data.val_images = str(demo.val_annotations), str(demo.val_images)
+        if not data.test_annotations:
+            data.test_annotations, data.test_images = str(demo.test_annotations), str(demo.test_images)
 
 
 def build_loaders(config: Config, processor):
@@ -60,16 +71,20 @@ def build_loaders(config: Config, processor):
     train_source = CocoInstanceDataset(data.train_annotations, data.train_images, data.check_images)
     train_set = SamPromptDataset(train_source, processor, prompt, data.max_instances, train=True, seed=seed)
     train_loader = make_loader(train_set, config.train.batch_size, data.num_workers, seed=seed)
-    val_loader, categories = None, train_source.categories
+    val_loader, test_loader, categories = None, None, train_source.categories
     if data.val_annotations:
         val_source = CocoInstanceDataset(data.val_annotations, data.val_images, data.check_images)
         val_set = SamPromptDataset(val_source, processor, prompt, data.max_instances, train=False)
         val_loader = make_loader(val_set, config.train.batch_size, data.num_workers)
         categories = val_source.categories
-    return train_set, train_loader, val_loader, categories
+    if data.test_annotations:
+        test_source = CocoInstanceDataset(data.test_annotations, data.test_images, data.check_images)
+        test_set = SamPromptDataset(test_source, processor, prompt, data.max_instances, train=False)
+        test_loader = make_loader(test_set, config.train.batch_size, data.num_workers)
+    return train_set, train_loader, val_loader, test_loader, categories
 
 
-def build_cache(config: Config, model, processor, train_set, val_loader, out: Path) -> EmbeddingCache | None:
+def build_cache(config: Config, model, processor, train_set, eval_loaders: list, out: Path) -> EmbeddingCache | None:
     """An embedding cache when the encoder is frozen and the user did not opt out; the log says which and why."""
     if not config.data.cache_embeddings:
         logger.info("image embeddings: recomputed every step (data.cache_embeddings is false)")
@@ -78,13 +93,15 @@ def build_cache(config: Config, model, processor, train_set, val_loader, out: Pa
     if reason:
         logger.info("image embeddings: recomputed every step, not cached, because %s", reason)
         return None
-    sources = [train_set.source] + ([val_loader.dataset.source] if val_loader is not None else [])
-    size = estimate_bytes(model, sum(len(source) for source in sources))
+    # split numbers: 0 train, 1 val, 2 test
+    sources = {0: train_set.source}
+    sources.update({split: loader.dataset.source for split, loader in enumerate(eval_loaders, 1) if loader is not None})
+    size = estimate_bytes(model, sum(len(source) for source in sources.values()))
     folder = config.data.embedding_cache_dir or None
     if folder is None and size > config.data.embedding_cache_memory_gb * 1e9:
         folder = out / "embedding-cache"
     cache = EmbeddingCache(model, processor, folder)
-    for split, source in enumerate(sources):
+    for split, source in sources.items():
         cache.register(split, {image.image_id: image.path for image in source.images})
     logger.info(
         "image embeddings: cached (%s, about %.2f GB): the image encoder runs once per image",
@@ -168,7 +185,7 @@ def banner(config: Config, accelerator: Accelerator, report: dict, train_set, va
 
 
 def main(argv: list[str] | None = None) -> dict:
-    config = parse_args(argv, description=__doc__)
+    config = parse_config(argv)
     train_cfg = config.train
     accelerator = Accelerator(
         # no GPU: CPU processes (gloo) even under --multi_gpu, as the 2-process CPU test runs
@@ -196,8 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = build_model(config.model, config.peft)
     report = parameter_report(model)
     with accelerator.main_process_first():
-        train_set, train_loader, val_loader, categories = build_loaders(config, processor)
-    cache = build_cache(config, model, processor, train_set, val_loader, out)
+        train_set, train_loader, val_loader, test_loader, categories = build_loaders(config, processor)
+    cache = build_cache(config, model, processor, train_set, [val_loader, test_loader], out)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(config, trainable)
     steps_per_epoch = math.ceil(len(train_loader) / (train_cfg.grad_accum * accelerator.num_processes))
@@ -211,6 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
     accelerator.init_trackers("tensorboard", config={k: str(v) for k, v in vars(train_cfg).items()})
     tracker = accelerator.get_tracker("tensorboard") if accelerator.is_main_process else None
     loss_fn = InstanceLoss(train_cfg.dice_weight, train_cfg.focal_weight, train_cfg.iou_weight)
@@ -218,6 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     def forward(batch: dict, split: int):
         """The model on a batch; with the cache, the image encoder only runs for images it has not seen."""
+        if split == 0 and config.data.prompt == "mixed":  # this step's prompt kind, reproducible on resume
+            draw = np.random.default_rng([train_cfg.seed, state.epoch, state.batches_in_epoch])
+            batch = keep_prompt_kind(batch, MIXED_KINDS[draw.integers(len(MIXED_KINDS))])
         if cache is None:
             return sam_forward(model, batch)
         with accelerator.autocast():
@@ -244,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics_file.write_text("")  # a new run starts a new log
         (out / "parameters.json").write_text(json.dumps(report, indent=2))
 
-    def record(kind: str, metrics: dict, panels: list, train_loss: float | None) -> None:
+    def record(kind: str, metrics: dict, panels: list, train_loss: float | None, split: str = "val") -> None:
         line = {
             "step": state.step,
             "epoch": state.epoch,
@@ -254,12 +276,12 @@ def main(argv: list[str] | None = None) -> dict:
             "per_category": metrics.get("per_category"),
         }
         state.history.append(line)
-        accelerator.log({f"val/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
+        accelerator.log({f"{split}/{k}": v for k, v in metrics.items() if isinstance(v, float)}, step=state.step)
         if accelerator.is_main_process:
             with metrics_file.open("a") as f:
                 f.write(json.dumps(line) + "\n")
             for index, panel in enumerate(panels):
-                tracker.writer.add_image(f"val/overlay_{index}", panel, global_step=state.step, dataformats="HWC")
+                tracker.writer.add_image(f"{split}/overlay_{index}", panel, global_step=state.step, dataformats="HWC")
 
     def validate(kind: str, train_loss: float | None) -> dict | None:
         if val_loader is None:
@@ -298,9 +320,20 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(out / "best", ignore_errors=True)
             scratch.rename(out / "best")
 
+    def test(kind: str) -> dict | None:
+        """The held-out split: scored only at the start and with the weights validation selected."""
+        if test_loader is None:
+            return None
+        metrics, _ = evaluate(model, test_loader, processor, accelerator, categories, forward=lambda b: forward(b, 2))
+        record(kind, metrics, [], None, split="test")
+        logger.info("step %d %s: test mIoU %.4f mF1 %.4f", state.step, kind, metrics["mIoU"], metrics["mF1"])
+        return metrics
+
     zero_shot = validate("zero-shot", None) if resume is None else None
     if zero_shot is not None:
         save_best(zero_shot)  # the starting weights are a candidate too: training may not beat them
+    if resume is None:
+        test("test-zero-shot")
     stopper = Stopper(accelerator)
     progress = tqdm(total=total_steps, initial=state.step, desc="train", disable=not accelerator.is_local_main_process)
     window = {"loss": 0.0, "count": 0, "images": 0, "since": time.perf_counter()}
@@ -410,7 +443,8 @@ def main(argv: list[str] | None = None) -> dict:
             path,
         )
     else:
-        last = state.history[-1] if state.history else None
+        validations = [h for h in state.history if not h["kind"].startswith("test")]
+        last = validations[-1] if validations else None
         if not total_steps:
             metrics = zero_shot
         elif last is not None and last["step"] == state.step:  # just evaluated these weights: no second pass
@@ -422,9 +456,21 @@ def main(argv: list[str] | None = None) -> dict:
                 save_best(metrics)
         results.update(zero_shot=next((h for h in state.history if h["kind"] == "zero-shot"), None), final=metrics)
         results["ranks_in_sync"] = ranks_in_sync(accelerator, model)
+        results["best_step"] = state.best_step
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             save_trained(accelerator.unwrap_model(model), processor, out / "final")
+        accelerator.wait_for_everyone()
+        if test_loader is not None:
+            if state.best_step >= 0 and state.best_step != state.step:
+                load_saved_weights(accelerator.unwrap_model(model), out / "best")
+            results["test"] = {
+                "zero_shot": next((h for h in state.history if h["kind"] == "test-zero-shot"), None),
+                "best": test("test-best"),
+                "weights_step": state.best_step if state.best_step >= 0 else state.step,
+            }
+        results["peak_memory_gb"] = peak_memory_gb(accelerator.device)
+        if accelerator.is_main_process:
             summary = {
                 "parameters": report,
                 "steps": state.step,
@@ -443,6 +489,16 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or on CPU the process's peak resident memory."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (2**30 if sys.platform == "darwin" else 2**20)  # bytes on macOS, KiB on Linux
+
+
 def ranks_in_sync(accelerator: Accelerator, model) -> bool:
     """Whether every process ends with the same trainable weights (a cheap checksum, gathered)."""
     with torch.no_grad():
@@ -453,15 +509,21 @@ def ranks_in_sync(accelerator: Accelerator, model) -> bool:
 
 
 def closing_table(state: TrainerState, results: dict, out: Path) -> str:
-    rows = []
-    zero, final = results.get("zero_shot"), results.get("final")
-    if zero:
-        rows.append(f"{'zero-shot (step 0)':<22}{100 * zero['mIoU']:>8.2f}{100 * zero['mF1']:>8.2f}")
-    if final:
-        rows.append(f"{f'final (step {state.step})':<22}{100 * final['mIoU']:>8.2f}{100 * final['mF1']:>8.2f}")
-    if state.best_step >= 0:
-        rows.append(f"{f'best (step {state.best_step})':<22}{100 * state.best_miou:>8.2f}")
-    header = f"{'val':<22}{'mIoU %':>8}{'mF1 %':>8}"
+    def row(name: str, metrics: dict | None) -> list[str]:
+        if not metrics:
+            return []
+        f1 = f"{100 * metrics['mF1']:>8.2f}" if "mF1" in metrics else ""
+        return [f"{name:<26}{100 * metrics['mIoU']:>8.2f}{f1}"]
+
+    test = results.get("test") or {}
+    rows = [
+        *row("val zero-shot", results.get("zero_shot")),
+        *row(f"val final (step {state.step})", results.get("final")),
+        *(row(f"val best (step {state.best_step})", {"mIoU": state.best_miou}) if state.best_step >= 0 else []),
+        *row("test zero-shot", test.get("zero_shot")),
+        *row(f"test fine-tuned (step {test.get('weights_step')})", test.get("best")),
+    ]
+    header = f"{'':<26}{'mIoU %':>8}{'mF1 %':>8}"
     where = f"weights: {out / 'final'}" + (f", {out / 'best'}" if state.best_step >= 0 else "")
     return "\n".join([header, *rows, where, f"metrics: {out / 'metrics.jsonl'}; tensorboard --logdir {out}"])
 

@@ -8,6 +8,7 @@ from samtune.prompts import (
     box_from_mask,
     farthest_interior_point,
     jitter_box,
+    keep_prompt_kind,
     make_prompts,
 )
 
@@ -92,3 +93,24 @@ def test_modes():
     assert make_prompts(masks, PromptConfig(mode="none"), rng) == {}
     with pytest.raises(ValueError, match="prompt mode"):
         PromptConfig(mode="scribble")
+
+
+def test_mixed_mode_samples_both_in_training_and_boxes_in_evaluation():
+    masks = np.zeros((2, 20, 20), bool)
+    masks[0, 2:8, 3:9] = True
+    masks[1, 10:18, 10:15] = True
+    config = PromptConfig(mode="mixed")
+    training = make_prompts(masks, config, np.random.default_rng(0))
+    assert set(training) == {"boxes", "points", "point_labels"}
+    evaluation = make_prompts(masks, config, None)
+    assert set(evaluation) == {"boxes"}
+    np.testing.assert_array_equal(evaluation["boxes"], [[3, 2, 8, 7], [10, 10, 14, 17]])
+
+
+def test_keep_prompt_kind_drops_the_other_prompts():
+    batch = {"input_boxes": 1, "input_points": 2, "input_labels": 3, "pixel_values": 4}
+    assert set(keep_prompt_kind(batch, "box")) == {"input_boxes", "pixel_values"}
+    assert set(keep_prompt_kind(batch, "point")) == {"input_points", "input_labels", "pixel_values"}
+    assert keep_prompt_kind(batch, "box+point") == batch
+    with pytest.raises(ValueError, match="prompt kind"):
+        keep_prompt_kind(batch, "mask")

@@ -395,3 +395,77 @@ def test_every_epoch_draws_new_prompts(tmp_path, splits, tiny_sam_dir, monkeypat
     )
     half = len(seen) // 2
     assert seen[:half] == [0] * half and seen[half:] == [1] * half
+
+
+def test_test_split_is_scored_zero_shot_and_with_the_weights_validation_selected(tmp_path, splits, tiny_sam_dir):
+    out = tmp_path / "run"
+    # The test split is the validation split here, so both scores must equal validation's for the same weights.
+    results = _run(
+        splits,
+        tiny_sam_dir,
+        out,
+        **{
+            "peft.method": "dora",
+            "data.test_annotations": splits["val"][0],
+            "data.test_images": splits["val"][1],
+            "train.eval_every": 2,
+            "train.lr": 1e-2,
+        },
+    )
+    lines = _lines(out)
+    assert [line["kind"] for line in lines][:2] == ["zero-shot", "test-zero-shot"]
+    assert lines[-1]["kind"] == "test-best"
+    test = results["test"]
+    assert test["zero_shot"]["mIoU"] == results["zero_shot"]["mIoU"]
+    best = next(line for line in lines if line["step"] == results["best_step"] and not line["kind"].startswith("test"))
+    assert test["weights_step"] == results["best_step"]
+    assert test["best"]["mIoU"] == pytest.approx(best["mIoU"], abs=1e-6)
+    assert results["peak_memory_gb"] > 0
+
+
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_saved_weights_load_back_into_the_live_model(tmp_path, tiny_sam_dir, method):
+    from samtune.config import ModelConfig, PeftConfig
+    from samtune.modeling import build_model, load_saved_weights, save_trained
+
+    model, processor = build_model(ModelConfig(str(tiny_sam_dir)), PeftConfig(method=method, targets="all-linear"))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in trainable.values():
+            p.add_(torch.randn_like(p))
+    saved = {n: p.detach().clone() for n, p in trainable.items()}
+    save_trained(model, processor, tmp_path / "best")
+    with torch.no_grad():
+        for p in trainable.values():
+            p.zero_()
+    load_saved_weights(model, tmp_path / "best")
+    for name, p in trainable.items():
+        torch.testing.assert_close(p, saved[name], rtol=0, atol=0, msg=name)
+
+
+def test_mixed_prompts_draw_boxes_points_or_both_per_step_reproducibly(tmp_path, splits, tiny_sam_dir, monkeypatch):
+    import samtune.train as train_module
+
+    def recording(kinds):
+        def keep(batch, kind):
+            kinds.append(kind)
+            return keep_prompt_kind(batch, kind)
+
+        return keep
+
+    from samtune.prompts import keep_prompt_kind
+
+    runs = []
+    for name in ("a", "b"):
+        kinds: list[str] = []
+        monkeypatch.setattr(train_module, "keep_prompt_kind", recording(kinds))
+        results = _run(
+            splits,
+            tiny_sam_dir,
+            tmp_path / name,
+            **{"data.prompt": "mixed", "train.max_steps": 8, "data.cache_embeddings": "false"},
+        )
+        runs.append(kinds)
+        assert results["final"]["num_instances"] > 0  # evaluation: boxes
+    assert len(runs[0]) == 8 and runs[0] == runs[1]
+    assert len(set(runs[0])) > 1

@@ -1,0 +1,145 @@
+"""The offline demo: the source / target domains, the pretraining command, the shipped base, the default run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import SamModel, SamProcessor
+
+import samtune.demo as demo
+from samtune.coco import CocoIndex
+from samtune.domains import MIN_VISIBLE_PIXELS, TARGET_CATEGORIES, DomainSpec, make_domain_coco, render
+from samtune.train import main as train_main
+from samtune.train import parse_config
+
+
+@pytest.mark.parametrize("domain", ["source", "target"])
+def test_a_split_is_a_function_of_its_seed(domain):
+    spec = DomainSpec(domain, 4, seed=11)
+    for index in range(4):
+        image, objects = render(spec, index)
+        again, objects_again = render(spec, index)
+        np.testing.assert_array_equal(image, again)
+        assert [c for c, _ in objects] == [c for c, _ in objects_again]
+        for (_, mask), (_, mask_again) in zip(objects, objects_again):
+            np.testing.assert_array_equal(mask, mask_again)
+    other, _ = render(DomainSpec(domain, 4, seed=12), 0)
+    assert not np.array_equal(render(spec, 0)[0], other)
+
+
+@pytest.mark.parametrize("domain", ["source", "target"])
+def test_masks_are_the_visible_disjoint_parts(domain):
+    for index in range(6):
+        image, objects = render(DomainSpec(domain, 6, seed=3), index)
+        assert image.shape == (256, 256, 3) and image.dtype == np.uint8
+        stacked = np.stack([mask for _, mask in objects]) if objects else np.zeros((0, 256, 256), bool)
+        assert (stacked.sum(axis=0) <= 1).all(), "an occluded object keeps only what is not covered"
+        assert all(mask.sum() >= MIN_VISIBLE_PIXELS for _, mask in objects)
+
+
+def test_target_differs_from_source_in_colour_contrast_and_shape():
+    source = [render(DomainSpec("source", 20, seed=1), i) for i in range(20)]
+    target = [render(DomainSpec("target", 20, seed=1), i) for i in range(20)]
+
+    def contrast(samples):  # mean |object colour - colour around it|
+        values = []
+        for image, objects in samples:
+            pixels = image.astype(float)
+            for _, mask in objects:
+                ring = np.zeros_like(mask)
+                rows, cols = np.nonzero(mask)
+                ring[max(rows.min() - 6, 0) : rows.max() + 7, max(cols.min() - 6, 0) : cols.max() + 7] = True
+                ring &= ~np.any([m for _, m in objects], axis=0)
+                if ring.any():
+                    values.append(np.abs(pixels[mask].mean(0) - pixels[ring].mean(0)).sum())
+        return np.mean(values)
+
+    assert contrast(target) < 0.5 * contrast(source)
+    blue_green = np.mean([image[..., 1:].mean() - image[..., 0].mean() for image, _ in target])
+    assert blue_green > 20  # the water's cast
+    ropes = [mask for _, objects in target for c, mask in objects if c == 4]
+    assert ropes, "thin objects (ropes) occur"
+    fill = [mask.sum() / np.prod(np.ptp(np.argwhere(mask), axis=0) + 1) for mask in ropes]
+    assert np.median(fill) < 0.4  # thin and bent: a small part of their box
+
+
+def test_coco_files_load_with_every_object_annotated(tmp_path):
+    annotations, images = make_domain_coco(tmp_path, DomainSpec("target", 5, seed=4))
+    index = CocoIndex(annotations, images)
+    expected = sum(len(render(DomainSpec("target", 5, seed=4), i)[1]) for i in range(5))
+    assert len(index.images) == 5
+    assert sum(len(image.instances) for image in index.images) == expected
+    data = json.loads(annotations.read_text())
+    assert [c["name"] for c in data["categories"]] == [c["name"] for c in TARGET_CATEGORIES]
+    with pytest.raises(ValueError, match="domain"):
+        make_domain_coco(tmp_path / "x", DomainSpec("other", 1, seed=0))
+
+
+def test_shipped_base_loads_and_is_small():
+    files = {path.name: path.stat().st_size for path in demo.BASE_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "processor_config.json", "pretraining.json"} <= set(files)
+    assert sum(files.values()) <= 10 * 2**20
+    model = SamModel.from_pretrained(demo.BASE_DIR)
+    SamProcessor.from_pretrained(demo.BASE_DIR)
+    expected = demo.demo_sam_config().vision_config
+    assert model.config.vision_config.hidden_size == expected.hidden_size
+    assert model.config.vision_config.image_size == 256
+    record = json.loads((demo.BASE_DIR / "pretraining.json").read_text())
+    assert record["source_val_box_mIoU"] > 0.8  # what pretraining reached on its own domain
+    assert record["target_test_box_mIoU"] < record["source_val_box_mIoU"] - 0.1  # and the shift it faces
+
+
+def test_the_demo_settings_apply_only_to_the_demo_and_under_the_users_keys():
+    config = parse_config([])
+    assert config.peft.method == demo.DEMO_RUN["peft.method"]
+    assert config.train.lr == demo.DEMO_RUN["train.lr"]
+    assert parse_config(["--train.lr", "0.5"]).train.lr == 0.5
+    own_data = parse_config(["--data.train_annotations", "a.json", "--data.train_images", "img"])
+    assert own_data.train.lr == 1e-4  # a user's own run keeps samtune's general defaults
+
+
+@pytest.fixture
+def small_demo(tmp_path, monkeypatch):
+    """The demo with small splits in a private cache."""
+    monkeypatch.setenv("SAMTUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(
+        demo,
+        "TARGET_SPLITS",
+        {
+            "train": DomainSpec("target", 32, seed=7001),
+            "val": DomainSpec("target", 12, seed=7002),
+            "test": DomainSpec("target", 24, seed=7003),
+        },
+    )
+    monkeypatch.setattr(
+        demo, "SOURCE_SPLITS", {"train": DomainSpec("source", 8, seed=1), "val": DomainSpec("source", 4, seed=2)}
+    )
+    return tmp_path
+
+
+def test_a_short_default_run_raises_test_miou_on_the_target_domain(small_demo):
+    results = train_main(
+        ["--output_dir", str(small_demo / "run"), "--train.max_steps", "40", "--data.num_workers", "0",
+         "--train.eval_every", "20", "--train.log_images", "0"]
+    )  # fmt: skip
+    test = results["test"]
+    assert test["best"]["mIoU"] > test["zero_shot"]["mIoU"] + 0.03
+    assert test["weights_step"] > 0
+
+
+def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, monkeypatch, capsys):
+    monkeypatch.setattr(demo, "BASE_DIR", small_demo / "installed" / "demo-base")
+    out = small_demo / "pretrain"
+    demo.main(["pretrain", "--output", str(out), "--steps", "2", "--install", "--data.num_workers", "0"])
+    record = json.loads((out / "pretraining.json").read_text())
+    assert record["steps"] == 2 and record["command"].startswith("python -m samtune.demo pretrain")
+    for key in ("source_val_box_mIoU", "source_val_point_mIoU", "target_test_box_mIoU", "target_test_point_mIoU"):
+        assert 0 <= record[key] <= 1
+    lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "zero-shot"
+    model = SamModel.from_pretrained(demo.BASE_DIR)
+    trained = SamModel.from_pretrained(out / "run" / "best")
+    for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items()):
+        assert (a == b).all(), name
+    assert Path(demo.BASE_DIR / "pretraining.json").exists()
