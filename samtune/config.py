@@ -29,6 +29,11 @@ class ModelConfig:
     attn_implementation: str = knob("sdpa", "attention kernel: sdpa or eager")
     dtype: str = knob("float32", "dtype the weights load in: float32, bfloat16, float16 or auto")
     gradient_checkpointing: bool = knob(False, "recompute image-encoder activations in backward to save memory")
+    fast_encoder: bool = knob(
+        True,
+        "image-encoder attention computed tile by tile with the relative-position bias built in cache "
+        "(same weights, modules and outputs as SamModel; faster, less memory); false: transformers' own",
+    )
 
 
 @dataclass

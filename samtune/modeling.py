@@ -16,6 +16,7 @@ from transformers import SamModel, SamProcessor
 
 from samtune.checkpoints import is_original_checkpoint, load_original_checkpoint
 from samtune.config import ModelConfig, PeftConfig
+from samtune.fast_encoder import enable_fast_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +112,18 @@ def load_sam(spec: ModelConfig, quantise_bits: int = 0) -> tuple[SamModel, SamPr
             raise ModelConfigError(
                 "convert an original checkpoint first (python -m samtune.checkpoints) to quantise it"
             )
-        return load_original_checkpoint(spec.name_or_path, attn_implementation=spec.attn_implementation)
-    kwargs: dict = {"attn_implementation": spec.attn_implementation, "dtype": _dtype(spec.dtype)}
-    if quantise_bits:
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        kwargs.update(quantization_config=_quantisation_config(quantise_bits), device_map={"": device})
-    model = SamModel.from_pretrained(spec.name_or_path, **kwargs)
-    if quantise_bits == 4 and not torch.cuda.is_available():
-        _disable_cpu_bf16_kernels(model)
-    processor = SamProcessor.from_pretrained(spec.name_or_path)
+        model, processor = load_original_checkpoint(spec.name_or_path, attn_implementation=spec.attn_implementation)
+    else:
+        kwargs: dict = {"attn_implementation": spec.attn_implementation, "dtype": _dtype(spec.dtype)}
+        if quantise_bits:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            kwargs.update(quantization_config=_quantisation_config(quantise_bits), device_map={"": device})
+        model = SamModel.from_pretrained(spec.name_or_path, **kwargs)
+        if quantise_bits == 4 and not torch.cuda.is_available():
+            _disable_cpu_bf16_kernels(model)
+        processor = SamProcessor.from_pretrained(spec.name_or_path)
+    if spec.fast_encoder:  # before PEFT wraps anything: only the attention modules' class changes
+        enable_fast_encoder(model)
     return model, processor
 
 
@@ -269,9 +273,12 @@ def is_adapter_folder(folder: str | Path) -> bool:
     return (Path(folder) / "adapter_config.json").is_file()
 
 
-def load_trained(base: str | Path, adapter: str | Path | None = None, attn_implementation: str = "sdpa"):
+def load_trained(
+    base: str | Path, adapter: str | Path | None = None, attn_implementation: str = "sdpa", fast_encoder: bool = True
+):
     """A trained model for inference: base SamModel (+ adapter folder), in full precision."""
-    model, processor = load_sam(ModelConfig(str(base), attn_implementation=attn_implementation))
+    spec = ModelConfig(str(base), attn_implementation=attn_implementation, fast_encoder=fast_encoder)
+    model, processor = load_sam(spec)
     if adapter:
         from peft import PeftModel
 
