@@ -1,17 +1,21 @@
 """Inference latency of SAM: image encoder, decoder per prompt, end to end; images/s, memory, FLOP/s.
 
-    python benchmarks/latency.py [--preset vit-b | --model PATH] [--rows sdpa-fp32 eager-fp32 sdpa-bf16 ...]
-        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--json out.json]
+    python benchmarks/latency.py [--preset vit-b | --model PATH] [--rows sdpa-fp32 sdpa-fp32-fast sdpa-bf16 ...]
+        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--threads N] [--json out.json]
     python benchmarks/latency.py --quick        # tiny model: what the tests run
 
 On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock
 around the call (the thread count is printed). Median and p90 over --repeats. A row is
-ATTENTION-PRECISION[-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast);
-adapter unmerged or merged (LoRA rank 8 on the encoder's attention and MLP, random non-zero weights); compile
-wraps the image encoder in torch.compile (its compile time is reported apart). Presets are the published
-architectures with random weights (latency depends on the architecture only; the output says so); --model
-takes any SamModel folder or hub id. Achieved GFLOP/s = the encoder's FLOPs (torch's FLOP counter) / its
-median time, against the matmul peak measured on the same device in the same run, in the row's precision.
+ATTENTION-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16
+(autocast); fast: samtune's fast image encoder (model.fast_encoder; without it, plain SamModel); adapter
+unmerged or merged (LoRA rank 8 on the encoder's attention and MLP, random non-zero weights); compile wraps the
+image encoder in torch.compile (its compile time is reported apart). All rows load the same weights. Presets
+are the published architectures with random weights (latency depends on the architecture only; the output says
+so); --model takes any SamModel folder or hub id. Encoder FLOPs come from torch's FLOP counter, taught the CPU's
+fused SDPA kernel so every row counts the attention products; the FLOP floor is those FLOPs at the matmul peak
+measured on the same device in the same run, in the row's precision ("x floor": encoder time / floor time).
+Peak memory: the CUDA allocator's peak, or on a CPU the process's peak resident size during the row's timed
+calls (reset per row, see cpu_memory.py).
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -29,30 +32,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count  # noqa: E402
 
+from benchmarks import cpu_memory  # noqa: E402
 from samtune.config import ModelConfig, PeftConfig  # noqa: E402
 from samtune.modeling import apply_method, load_sam  # noqa: E402
 from samtune.presets import PRESETS, save_random_preset  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CPU_ROWS = ["sdpa-fp32", "eager-fp32", "sdpa-bf16", "sdpa-fp32-unmerged", "sdpa-fp32-merged"]
+CPU_ROWS = [
+    "sdpa-fp32",
+    "sdpa-fp32-fast",
+    "sdpa-bf16",
+    "sdpa-bf16-fast",
+    "eager-fp32",
+    "sdpa-fp32-unmerged",
+    "sdpa-fp32-merged",
+]
 GPU_ROWS = [
     "sdpa-fp32",
+    "sdpa-fp32-fast",
     "eager-fp32",
     "sdpa-bf16",
+    "sdpa-bf16-fast",
     "sdpa-fp16",
+    "sdpa-fp16-fast",
     "sdpa-bf16-unmerged",
     "sdpa-bf16-merged",
     "sdpa-bf16-compile",
+    "sdpa-bf16-fast-compile",
 ]
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry:  # torch counts the GPU kernels' attention products, not the CPU kernel's
+
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
 def parse_row(row: str) -> dict:
     parts = row.split("-")
-    spec = {"attention": parts[0], "precision": parts[1], "adapter": "plain", "compile": False}
+    spec = {"attention": parts[0], "precision": parts[1], "fast": False, "adapter": "plain", "compile": False}
     for part in parts[2:]:
-        if part in ("unmerged", "merged"):
+        if part == "fast":
+            spec["fast"] = True
+        elif part in ("unmerged", "merged"):
             spec["adapter"] = part
         elif part == "compile":
             spec["compile"] = True
@@ -91,7 +115,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, timer: Timer) -> float
 
 
 def build(folder: str, spec: dict, device: torch.device):
-    model, processor = load_sam(ModelConfig(folder, attn_implementation=spec["attention"]))
+    model, processor = load_sam(ModelConfig(folder, attn_implementation=spec["attention"], fast_encoder=spec["fast"]))
     if spec["adapter"] != "plain":
         model = apply_method(model, PeftConfig(method="lora", targets="encoder-attn-mlp", rank=8, dropout=0.0))
         with torch.no_grad():  # non-zero adapters, so merged and unmerged compute something real
@@ -131,6 +155,8 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
         embeddings = model.get_image_embeddings(pixels)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    else:
+        cpu_memory.reset_peak()
     times: dict[str, list[float]] = {"encoder": [], "decoder": [], "end_to_end": []}
     calls = {
         "encoder": lambda: model.get_image_embeddings(pixels),
@@ -151,10 +177,11 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
         peaks[spec["precision"]] = matmul_peak(device, dtype, timer)
     encoder = _stats(times["encoder"])
     gflops = encoder_flops / (encoder["median_ms"] / 1000) / 1e9
+    floor_ms = encoder_flops / (peaks[spec["precision"]] * 1e9) * 1000
     if device.type == "cuda":
         memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator peak"
     else:
-        memory, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+        memory, memory_kind = cpu_memory.peak_mib(), "process peak RSS during the timed calls"
     end_to_end = _stats(times["end_to_end"])
     return {
         "row": row,
@@ -173,6 +200,8 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
         "achieved_gflops": gflops,
         "matmul_peak_gflops": peaks[spec["precision"]],
         "percent_of_peak": 100 * gflops / peaks[spec["precision"]],
+        "flop_floor_ms": floor_ms,
+        "times_floor": encoder["median_ms"] / floor_ms,
     }
 
 
@@ -185,19 +214,20 @@ def describe(device: torch.device) -> str:
 def table(rows: list[dict]) -> str:
     baseline = next((r for r in rows if "error" not in r), None)
     lines = [
-        "| row | encoder ms (p90) | decoder ms / prompt | end to end ms | vs first row | images/s | "
-        "peak MiB | GFLOP/s (% of matmul peak) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| row | encoder ms (p90) | encoder vs first row | x FLOP floor | decoder ms / prompt | end to end ms | "
+        "vs first row | images/s | peak MiB | GFLOP/s (% of matmul peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['row']} | {r['error']} | | | | | | | | |")
             continue
         ratio = baseline["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
+        encoder_ratio = baseline["encoder"]["median_ms"] / r["encoder"]["median_ms"]
         lines.append(
-            f"| {r['row']} | {r['encoder']['median_ms']:.1f} ({r['encoder']['p90_ms']:.1f}) | "
-            f"{r['decoder_per_prompt_ms']:.2f} | {r['end_to_end']['median_ms']:.1f} | {ratio:.2f}x | "
-            f"{r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} | {r['achieved_gflops']:.0f} "
+            f"| {r['row']} | {r['encoder']['median_ms']:.1f} ({r['encoder']['p90_ms']:.1f}) | {encoder_ratio:.2f}x | "
+            f"{r['times_floor']:.2f} | {r['decoder_per_prompt_ms']:.2f} | {r['end_to_end']['median_ms']:.1f} | "
+            f"{ratio:.2f}x | {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} | {r['achieved_gflops']:.0f} "
             f"({r['percent_of_peak']:.0f}%) |"
         )
     return "\n".join(lines)

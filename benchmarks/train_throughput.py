@@ -1,14 +1,18 @@
 """Training-step throughput and peak memory per method, on a preset architecture with random weights.
 
     python benchmarks/train_throughput.py --preset vit-b --methods full decoder lora dora qlora qdora \
-        [--batch-size 2] [--instances 8] [--precision fp32 bf16] [--steps 10] [--json out.json]
+        [--batch-size 2] [--instances 8] [--precision fp32 bf16] [--encoder plain fast] [--steps 10] \
+        [--threads N] [--json out.json]
     python benchmarks/train_throughput.py --quick      # tiny model, a few steps: what the tests run
 
 Each step is the training loop's own: the model from ``build_model`` (so qlora / qdora load a 4-bit base),
 the loss from ``batch_loss``, backward, AdamW. Inputs are random tensors of the model's input size with
-valid box prompts, so data loading is not measured (see data_loading.py). Timing: CUDA events around
-the timed steps after warm-up on a GPU; on a CPU a monotonic clock, stating the thread count.
-Peak memory: the CUDA allocator's peak, or the process's peak resident set size on a CPU.
+valid box prompts, so data loading is not measured (see data_loading.py). --encoder plain is transformers'
+SamModel, fast is samtune's fast image encoder (model.fast_encoder), on the same weights in the same run; "vs
+plain" is the plain row's step time over this row's, for the same method and precision. Timing: CUDA events
+around the timed steps after warm-up on a GPU; on a CPU a monotonic clock, stating the thread count.
+Peak memory: the CUDA allocator's peak, or on a CPU the process's peak resident size during the row's timed
+steps (reset per row, see cpu_memory.py).
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -27,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from benchmarks import cpu_memory  # noqa: E402
 from samtune.config import ModelConfig, PeftConfig  # noqa: E402
 from samtune.evaluation import sam_forward  # noqa: E402
 from samtune.losses import InstanceLoss, batch_loss  # noqa: E402
@@ -52,10 +56,13 @@ def random_batch(config, batch_size: int, instances: int, device: torch.device, 
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def measure(folder: Path, method: str, precision: str, args, device: torch.device) -> dict:
+def measure(folder: Path, method: str, precision: str, encoder: str, args, device: torch.device) -> dict:
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 autocast is for GPUs")
-    model, _ = build_model(ModelConfig(str(folder)), PeftConfig(method=method, targets=args.targets, rank=args.rank))
+    model, _ = build_model(
+        ModelConfig(str(folder), fast_encoder=encoder == "fast"),
+        PeftConfig(method=method, targets=args.targets, rank=args.rank),
+    )
     if method not in ("qlora", "qdora"):  # quantised bases are placed at load time
         model.to(device)
     model.train()
@@ -76,6 +83,8 @@ def measure(folder: Path, method: str, precision: str, args, device: torch.devic
 
     for _ in range(args.warmup):
         step()
+    if device.type == "cpu":
+        cpu_memory.reset_peak()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,20 +101,21 @@ def measure(folder: Path, method: str, precision: str, args, device: torch.devic
         for _ in range(args.steps):
             step()
         seconds = time.perf_counter() - begin
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB -> MiB (Linux), whole process
+        peak = cpu_memory.peak_mib()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {
         "preset": args.preset,
         "method": method,
         "precision": precision,
+        "encoder": encoder,
         "batch_size": args.batch_size,
         "instances": args.instances,
         "steps": args.steps,
         "seconds_per_step": seconds / args.steps,
         "images_per_s": args.batch_size * args.steps / seconds,
         "peak_memory_mib": peak,
-        "peak_memory_kind": "cuda allocator" if device.type == "cuda" else "process RSS (whole run so far)",
+        "peak_memory_kind": "cuda allocator" if device.type == "cuda" else "process RSS during the timed steps",
         "trainable": sum(p.numel() for p in params),
         "device": describe(device),
     }
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--preset", default="vit-b", choices=PRESETS)
     parser.add_argument("--methods", nargs="+", default=["full", "decoder", "lora", "dora", "qlora", "qdora"])
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(DTYPES))
+    parser.add_argument("--encoder", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
     parser.add_argument("--image-size", type=int, help="input size of the preset (default: its own, 1024)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--instances", type=int, default=8)
@@ -129,45 +140,53 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.quick:
         args.preset, args.steps, args.warmup, args.batch_size, args.instances = "tiny", 2, 1, 2, 3
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_random_preset(args.preset, Path(tmp) / args.preset, image_size=args.image_size)
         for method in args.methods:
             for precision in args.precision:
-                try:
-                    rows.append(measure(folder, method, precision, args, device))
-                except (RuntimeError, ValueError, ImportError) as error:  # e.g. out of memory: say so, go on
-                    rows.append(
-                        {
-                            "preset": args.preset,
-                            "method": method,
-                            "precision": precision,
-                            "error": f"{type(error).__name__}: {str(error)[:200]}",
-                        }
-                    )
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
+                for encoder in args.encoder:
+                    try:
+                        rows.append(measure(folder, method, precision, encoder, args, device))
+                    except (RuntimeError, ValueError, ImportError) as error:  # e.g. out of memory: say so, go on
+                        rows.append(
+                            {
+                                "preset": args.preset,
+                                "method": method,
+                                "precision": precision,
+                                "encoder": encoder,
+                                "error": f"{type(error).__name__}: {str(error)[:200]}",
+                            }
+                        )
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
     print(
         f"{args.preset}, batch {args.batch_size} x {args.instances} instances, {rows[0].get('device', '')}, "
         f"{args.steps} timed steps after {args.warmup} warm-up"
     )
-    print("| method | precision | s / step | images/s | peak MiB | trainable |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| method | precision | encoder | s / step | vs plain | images/s | peak MiB | trainable |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    plain = {(r["method"], r["precision"]): r for r in rows if r["encoder"] == "plain" and "error" not in r}
     for r in rows:
         if "error" in r:
-            print(f"| {r['method']} | {r['precision']} | {r['error']} | | | |")
-        else:
-            print(
-                f"| {r['method']} | {r['precision']} | {r['seconds_per_step']:.3f} | {r['images_per_s']:.2f} "
-                f"| {r['peak_memory_mib']:.0f} | {r['trainable']:,} |"
-            )
+            print(f"| {r['method']} | {r['precision']} | {r['encoder']} | {r['error']} | | | | |")
+            continue
+        base = plain.get((r["method"], r["precision"]))
+        ratio = f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x" if base else ""
+        print(
+            f"| {r['method']} | {r['precision']} | {r['encoder']} | {r['seconds_per_step']:.3f} | {ratio} "
+            f"| {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} | {r['trainable']:,} |"
+        )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     assert all(math.isfinite(r.get("images_per_s", 1.0)) for r in rows)

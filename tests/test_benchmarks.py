@@ -21,7 +21,10 @@ def test_train_throughput_quick(tmp_path):
     out = tmp_path / "train.json"
     rows = _load("train_throughput").main(["--quick", "--methods", "decoder", "lora", "qdora", "--json", str(out)])
     assert json.loads(out.read_text()) == rows
-    assert [r["method"] for r in rows] == ["decoder", "lora", "qdora"]
+    # plain SamModel and the fast encoder side by side, per method
+    assert [(r["method"], r["encoder"]) for r in rows] == [
+        (method, encoder) for method in ("decoder", "lora", "qdora") for encoder in ("plain", "fast")
+    ]
     for row in rows:
         assert "error" not in row, row
         for key in ("seconds_per_step", "images_per_s", "peak_memory_mib"):
@@ -65,6 +68,8 @@ def test_latency_quick(tmp_path):
             "sdpa-bf16",
             "sdpa-fp32-unmerged",
             "sdpa-fp32-merged",
+            "sdpa-fp32-fast",
+            "sdpa-bf16-fast",
             "--json",
             str(out),
         ]
@@ -84,8 +89,17 @@ def test_latency_quick(tmp_path):
             row["achieved_gflops"],
             row["matmul_peak_gflops"],
             row["percent_of_peak"],
+            row["flop_floor_ms"],
+            row["times_floor"],
         ]
         assert all(math.isfinite(v) and v > 0 for v in numbers), row
-    # eager and sdpa do the same work, counted through different ops (SDPA has its own FLOP formula)
-    assert rows[1]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.2)
+    # eager, sdpa and the fast encoder do the same work, counted through different ops (the CPU's fused SDPA
+    # kernel gets its own FLOP formula)
+    assert rows[1]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
+    assert rows[5]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
+    assert rows[6]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
     assert rows[3]["encoder_gflop"] > rows[4]["encoder_gflop"]  # unmerged adapters add their own matmuls
+    assert [r["fast"] for r in rows] == [False] * 5 + [True] * 2
+    for row in rows:  # the floor is the row's FLOPs at the matmul peak of its precision
+        floor = row["encoder_gflop"] / row["matmul_peak_gflops"] * 1000
+        assert row["flop_floor_ms"] == pytest.approx(floor)
