@@ -59,6 +59,11 @@ def _bias(rel_h: torch.Tensor, rel_w: torch.Tensor, buffer: torch.Tensor) -> tor
     return out.view(groups, rows, key_h * key_w)
 
 
+def _tiled(q: torch.Tensor) -> bool:
+    # Tiles pay on CPUs (caches, no fused kernel that takes a bias gradient); GPU kernels read a full mask well.
+    return q.device.type == "cpu"
+
+
 def _fused_kernel(q: torch.Tensor) -> bool:
     # PyTorch's fused CPU kernel is the fastest in fp32. In bf16 it computes in fp32 on CPUs without AMX, where
     # bf16 matrix products (AVX512-BF16) and a separate softmax measured faster.
@@ -147,12 +152,10 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
     with torch.autocast(q.device.type, enabled=False):  # dtypes are chosen here, explicitly
         dtype = q.dtype
         k, v, rel_h, rel_w = k.to(dtype), v.to(dtype), rel_h.to(dtype), rel_w.to(dtype)
-        if q.device.type != "cpu":
-            # GPUs: one fused SDPA call with the bias built once in its layout and dtype (kernels there read a
-            # full mask well and take its gradient); not measured on a GPU yet.
-            groups, rows, key_h = rel_h.shape
-            bias = torch.empty(groups, rows, key_h * rel_w.shape[-1], dtype=dtype, device=q.device)
-            bias = _bias(rel_h, rel_w, bias.view(-1))
+        if not _tiled(q):
+            # one fused SDPA call with the bias built once, in its layout and dtype, with its gradient through
+            # the broadcast add; not measured on a GPU yet
+            bias = (rel_h.unsqueeze(-1) + rel_w.unsqueeze(-2)).flatten(-2)  # contiguous: no copy in flatten
             return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=bias[None], scale=scale)[0]
         needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, rel_h, rel_w))
         if needs_grad:

@@ -258,8 +258,11 @@ def test_quantised_base_trains_like_plain(tiny_sam_dir):
         assert cosine > 0.98, (name, cosine)
 
 
-def test_rel_pos_attention_matches_the_formula():
-    # the kernel alone, uneven shapes, many tiles, against softmax(q k^T s + bias) v in float64
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "one-call"])
+def test_rel_pos_attention_matches_the_formula(tiled, monkeypatch):
+    # the kernel alone, uneven shapes, many tiles, against softmax(q k^T s + bias) v in float64; "one-call" is
+    # the path taken on GPUs, run here on the CPU
+    monkeypatch.setattr(fast, "_tiled", lambda q: tiled)
     torch.manual_seed(0)
     groups, height, width, dim = 3, 5, 7, 8
     tensors = [torch.randn(groups, height * width, n, dtype=torch.float64) for n in (dim, dim, dim, height, width)]
