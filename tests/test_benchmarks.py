@@ -103,3 +103,29 @@ def test_latency_quick(tmp_path):
     for row in rows:  # the floor is the row's FLOPs at the matmul peak of its precision
         floor = row["encoder_gflop"] / row["matmul_peak_gflops"] * 1000
         assert row["flop_floor_ms"] == pytest.approx(floor)
+
+
+def test_method_table_quick(tmp_path):
+    from samtune.demo import BASE_DIR
+    from samtune.domains import DomainSpec, make_domain_coco
+
+    table = _load("method_table")
+    splits = {name: make_domain_coco(tmp_path / name, DomainSpec("target", n, seed=i)) for i, (name, n) in
+              enumerate([("train", 6), ("val", 3), ("test", 3)])}  # fmt: skip
+    extra = ["--model.name_or_path", str(BASE_DIR), "--train.max_steps", "2", "--data.num_workers", "0"]
+    for name, (annotations, images) in splits.items():
+        extra += [f"--data.{name}_annotations", str(annotations), f"--data.{name}_images", str(images)]
+    argv = ["--methods", "none", "dora", "--seeds", "0", "1", "--output", str(tmp_path / "table")]
+    summary = table.main([*argv, "--markdown", str(tmp_path / "table.md"), "--", *extra])
+    assert [row["method"] for row in summary] == ["none", "dora"]
+    none, dora = summary
+    assert none["gain_mIoU"] == (0.0, 0.0) and none["trainable"] == 0
+    assert dora["trainable"] > 0 and dora["seeds"] == 2
+    runs = json.loads((tmp_path / "table" / "table.json").read_text())["runs"]
+    assert {(row["method"], row["seed"]) for row in runs} == {(m, s) for m in ("none", "dora") for s in (0, 1)}
+    assert all(row["peak_memory_gb"] > 0 for row in runs)
+    lines = (tmp_path / "table.md").read_text().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| zero-shot |")
+    finished = (tmp_path / "table" / "dora-seed0" / "results.json").stat().st_mtime
+    assert table.main([*argv, "--", *extra]) == summary  # finished runs are reused, not rerun
+    assert (tmp_path / "table" / "dora-seed0" / "results.json").stat().st_mtime == finished
