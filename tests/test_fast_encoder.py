@@ -92,6 +92,24 @@ def test_outputs_match_plain_sam_in_fp32(model_dir, tiles, monkeypatch):
         assert _rel(g, w) < FP32_REL
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [{"window_size": 0}, {"global_attn_indexes": []}, {"use_rel_pos": False}, {"qkv_bias": False}],
+    ids=["all-global", "all-windowed", "no-rel-pos", "no-qkv-bias"],
+)
+def test_other_layouts_match_plain_sam(layout, tmp_path):
+    config = _config("tiny", 160)
+    for key, value in layout.items():
+        setattr(config.vision_config, key, value)
+    save_random_sam(config, tmp_path, seed=2)
+    plain, quick = _load(tmp_path, False), _load(tmp_path, True)
+    _random_rel_pos(plain)
+    quick.load_state_dict(plain.state_dict())
+    inputs = _inputs(plain)
+    for got, want in zip(_forward(quick, inputs), _forward(plain, inputs)):
+        assert _rel(got, want) < FP32_REL
+
+
 def test_bias_is_exercised(model_dir):
     # zeroing the relative-position tables must change the output by far more than the fp32 tolerance, or the
     # equality above would not see a wrong bias
