@@ -143,3 +143,10 @@ def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, m
     for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items()):
         assert (a == b).all(), name
     assert Path(demo.BASE_DIR / "pretraining.json").exists()
+
+
+def test_the_demo_experiment_file_holds_the_demo_settings():
+    from samtune.config import load_config
+
+    from_file = load_config(Path(__file__).resolve().parent.parent / "launch" / "experiments" / "demo.yaml")
+    assert from_file == parse_config([])
