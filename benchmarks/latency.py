@@ -4,18 +4,18 @@
         [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--threads N] [--json out.json]
     python benchmarks/latency.py --quick        # tiny model: what the tests run
 
-On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock
-around the call (the thread count is printed). Median and p90 over --repeats. A row is
-ATTENTION-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16
-(autocast); fast: samtune's fast image encoder (model.fast_encoder; without it, plain SamModel); adapter
-unmerged or merged (LoRA rank 8 on the encoder's attention and MLP, random non-zero weights); compile wraps the
-image encoder in torch.compile (its compile time is reported apart). All rows load the same weights. Presets
-are the published architectures with random weights (latency depends on the architecture only; the output says
-so); --model takes any SamModel folder or hub id. Encoder FLOPs come from torch's FLOP counter, taught the CPU's
-fused SDPA kernel so every row counts the attention products; the FLOP floor is those FLOPs at the matmul peak
-measured on the same device in the same run, in the row's precision ("x floor": encoder time / floor time).
-Peak memory: the CUDA allocator's peak, or on a CPU the process's peak resident size during the row's timed
-calls (reset per row, see cpu_memory.py).
+On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock around
+the call (the thread count is printed). Median and p90 over --repeats. A row is ATTENTION-
+PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast over fp32
+weights), or bf16w / fp16w (weights loaded in that dtype, model.dtype, no autocast); fast: samtune's fast image
+encoder (model.fast_encoder; without it, plain SamModel); adapter unmerged or merged (LoRA rank 8 on the
+encoder's attention and MLP, random non-zero weights); compile wraps the image encoder in torch.compile (its
+compile time is reported apart). All rows load the same weights. Presets are the published architectures with
+random weights (latency depends on the architecture only; the output says so); --model takes any SamModel folder
+or hub id. Encoder FLOPs come from torch's FLOP counter, taught the CPU's fused SDPA kernel so every row counts
+the attention products; the FLOP floor is those FLOPs at the matmul peak measured on the same device in the same
+run, in the row's precision ("x floor": encoder time / floor time). Peak memory: the CUDA allocator's peak, or
+on a CPU the process's peak resident size during the row's timed calls (reset per row, see cpu_memory.py).
 """
 
 from __future__ import annotations
@@ -39,7 +39,13 @@ from samtune.config import ModelConfig, PeftConfig  # noqa: E402
 from samtune.modeling import apply_method, load_sam  # noqa: E402
 from samtune.presets import PRESETS, save_random_preset  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "bf16w": torch.bfloat16,
+    "fp16w": torch.float16,
+}
 CPU_ROWS = [
     "sdpa-fp32",
     "sdpa-fp32-fast",
@@ -83,7 +89,7 @@ def parse_row(row: str) -> dict:
         else:
             raise ValueError(f"unknown row part {part!r} in {row!r}")
     if spec["attention"] not in ("sdpa", "eager") or spec["precision"] not in DTYPES:
-        raise ValueError(f"bad row {row!r}: attention sdpa|eager, precision fp32|bf16|fp16")
+        raise ValueError(f"bad row {row!r}: attention sdpa|eager, precision {'|'.join(DTYPES)}")
     return spec
 
 
@@ -115,7 +121,10 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, timer: Timer) -> float
 
 
 def build(folder: str, spec: dict, device: torch.device):
-    model, processor = load_sam(ModelConfig(folder, attn_implementation=spec["attention"], fast_encoder=spec["fast"]))
+    weights = str(DTYPES[spec["precision"]]).removeprefix("torch.") if spec["precision"].endswith("w") else "float32"
+    model, processor = load_sam(
+        ModelConfig(folder, attn_implementation=spec["attention"], dtype=weights, fast_encoder=spec["fast"])
+    )
     if spec["adapter"] != "plain":
         model = apply_method(model, PeftConfig(method="lora", targets="encoder-attn-mlp", rank=8, dropout=0.0))
         with torch.no_grad():  # non-zero adapters, so merged and unmerged compute something real
@@ -142,10 +151,11 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     side = base.config.vision_config.image_size
     generator = torch.Generator().manual_seed(0)
-    pixels = torch.randn(args.batch_size, 3, side, side, generator=generator).to(device)
+    weights = dtype if spec["precision"].endswith("w") else torch.float32
+    pixels = torch.randn(args.batch_size, 3, side, side, generator=generator).to(device, weights)
     corners = torch.rand(args.batch_size, args.prompts, 2, 2, generator=generator) * (side - 1)
-    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1).to(device)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1).to(device, weights)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != weights)
     compile_s = None
     if spec["compile"]:
         base.vision_encoder = torch.compile(base.vision_encoder)
@@ -169,15 +179,15 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
                 seconds = timer(call)
                 if step >= args.warmup:
                     times[part].append(seconds)
-    flops = FlopCounterMode(display=False)  # counted in fp32: the FLOP count does not depend on precision
+    flops = FlopCounterMode(display=False)  # no autocast: the FLOP count does not depend on precision
     with flops:
         model.get_image_embeddings(pixels[:1])
     encoder_flops = flops.get_total_flops() * args.batch_size
-    if spec["precision"] not in peaks:
-        peaks[spec["precision"]] = matmul_peak(device, dtype, timer)
+    if dtype not in peaks:
+        peaks[dtype] = matmul_peak(device, dtype, timer)
     encoder = _stats(times["encoder"])
     gflops = encoder_flops / (encoder["median_ms"] / 1000) / 1e9
-    floor_ms = encoder_flops / (peaks[spec["precision"]] * 1e9) * 1000
+    floor_ms = encoder_flops / (peaks[dtype] * 1e9) * 1000
     if device.type == "cuda":
         memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator peak"
     else:
@@ -198,8 +208,8 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
         "compile_s": compile_s,
         "encoder_gflop": encoder_flops / 1e9,
         "achieved_gflops": gflops,
-        "matmul_peak_gflops": peaks[spec["precision"]],
-        "percent_of_peak": 100 * gflops / peaks[spec["precision"]],
+        "matmul_peak_gflops": peaks[dtype],
+        "percent_of_peak": 100 * gflops / peaks[dtype],
         "flop_floor_ms": floor_ms,
         "times_floor": encoder["median_ms"] / floor_ms,
     }
