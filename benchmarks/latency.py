@@ -5,10 +5,10 @@
     python benchmarks/latency.py --quick        # tiny model: what the tests run
 
 On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock around
-the call (the thread count is printed). Median and p90 over --repeats. A row is ATTENTION-
-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast over fp32
-weights), or bf16w / fp16w (weights loaded in that dtype, model.dtype, no autocast); fast: samtune's fast image
-encoder (model.fast_encoder; without it, plain SamModel); adapter unmerged or merged (LoRA rank 8 on the
+the call (the thread count is printed). Median and p90 over --repeats. A row is
+ATTENTION-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast
+over fp32 weights), or bf16w / fp16w (weights loaded in that dtype, model.dtype, no autocast); fast: samtune's
+fast image encoder (model.fast_encoder; without it, plain SamModel); adapter unmerged or merged (LoRA rank 8 on the
 encoder's attention and MLP, random non-zero weights); compile wraps the image encoder in torch.compile (its
 compile time is reported apart). All rows load the same weights. Presets are the published architectures with
 random weights (latency depends on the architecture only; the output says so); --model takes any SamModel folder
