@@ -1,11 +1,13 @@
 """Inference latency of SAM: image encoder, decoder per prompt, end to end; images/s, memory, FLOP/s.
 
     python benchmarks/latency.py [--preset vit-b | --model PATH] [--rows sdpa-fp32 sdpa-fp32-fast sdpa-bf16 ...]
-        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--threads N] [--json out.json]
+        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--rounds 1] [--threads N] [--json out.json]
     python benchmarks/latency.py --quick        # tiny model: what the tests run
 
 On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock around
-the call (the thread count is printed). Median and p90 over --repeats. A row is
+the call (the thread count is printed). Median and p90 over --repeats; with --rounds R every row is loaded and
+measured R times in turn and the statistics pool all rounds, so a machine whose speed drifts (shared CPUs) slows
+every row alike instead of whichever row ran during the slow minute. A row is
 ATTENTION-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast
 over fp32 weights), or bf16w / fp16w (weights loaded in that dtype, model.dtype, no autocast); fast: samtune's
 fast image encoder (model.fast_encoder; without it, plain SamModel); adapter unmerged or merged (LoRA rank 8 on the
@@ -74,6 +76,15 @@ if _CPU_SDPA not in flop_registry:  # torch counts the GPU kernels' attention pr
     @register_flop_formula(_CPU_SDPA)
     def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# nor the in-place products (the fast encoder writes its scores into the bias buffer): same FLOPs as out of place
+for _in_place, _out_of_place in (
+    (torch.ops.aten.addmm_, torch.ops.aten.addmm),
+    (torch.ops.aten.baddbmm_, torch.ops.aten.baddbmm),
+):
+    if _in_place not in flop_registry:
+        register_flop_formula(_in_place, get_raw=True)(flop_registry[_out_of_place])
 
 
 def parse_row(row: str) -> dict:
@@ -182,31 +193,47 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
     flops = FlopCounterMode(display=False)  # no autocast: the FLOP count does not depend on precision
     with flops:
         model.get_image_embeddings(pixels[:1])
-    encoder_flops = flops.get_total_flops() * args.batch_size
     if dtype not in peaks:
         peaks[dtype] = matmul_peak(device, dtype, timer)
-    encoder = _stats(times["encoder"])
-    gflops = encoder_flops / (encoder["median_ms"] / 1000) / 1e9
-    floor_ms = encoder_flops / (peaks[dtype] * 1e9) * 1000
     if device.type == "cuda":
         memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator peak"
     else:
         memory, memory_kind = cpu_memory.peak_mib(), "process peak RSS during the timed calls"
-    end_to_end = _stats(times["end_to_end"])
     return {
         "row": row,
         **spec,
+        "seconds": times,
+        "peak_memory_mib": memory,
+        "peak_memory_kind": memory_kind,
+        "compile_s": compile_s,
+        "encoder_flops": flops.get_total_flops() * args.batch_size,
+    }
+
+
+def summarise(rounds: list[dict], args, peaks: dict) -> dict:
+    """One row's result from its measurements in every round: medians over all timed calls, the largest peak."""
+    first = rounds[0]
+    times = {part: [t for r in rounds for t in r["seconds"][part]] for part in first["seconds"]}
+    dtype = DTYPES[first["precision"]]
+    encoder, end_to_end = _stats(times["encoder"]), _stats(times["end_to_end"])
+    gflops = first["encoder_flops"] / (encoder["median_ms"] / 1000) / 1e9
+    floor_ms = first["encoder_flops"] / (peaks[dtype] * 1e9) * 1000
+    spec = {key: first[key] for key in ("attention", "precision", "fast", "adapter", "compile")}
+    return {
+        "row": first["row"],
+        **spec,
         "batch_size": args.batch_size,
         "prompts": args.prompts,
+        "rounds": len(rounds),
         "encoder": encoder,
         "decoder": _stats(times["decoder"]),
         "decoder_per_prompt_ms": _stats(times["decoder"])["median_ms"] / (args.batch_size * args.prompts),
         "end_to_end": end_to_end,
         "images_per_s": args.batch_size / (end_to_end["median_ms"] / 1000),
-        "peak_memory_mib": memory,
-        "peak_memory_kind": memory_kind,
-        "compile_s": compile_s,
-        "encoder_gflop": encoder_flops / 1e9,
+        "peak_memory_mib": max(r["peak_memory_mib"] for r in rounds),
+        "peak_memory_kind": first["peak_memory_kind"],
+        "compile_s": first["compile_s"],
+        "encoder_gflop": first["encoder_flops"] / 1e9,
         "achieved_gflops": gflops,
         "matmul_peak_gflops": peaks[dtype],
         "percent_of_peak": 100 * gflops / peaks[dtype],
@@ -253,6 +280,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--prompts", type=int, default=1, help="box prompts per image")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="measure every row this many times, in turn (medians over all rounds)"
+    )
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats")
@@ -264,18 +294,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     rows_wanted = args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)
-    timer, peaks, rows = Timer(device), {}, []
+    timer, peaks = Timer(device), {}
+    measured: dict[str, list[dict]] = {row: [] for row in rows_wanted}
+    errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or str(save_random_preset(args.preset, Path(tmp) / args.preset, image_size=args.image_size))
-        for row in rows_wanted:
-            try:
-                rows.append(measure(folder, row, args, device, timer, peaks))
-            except (RuntimeError, ValueError) as error:
-                rows.append({"row": row, "error": f"{type(error).__name__}: {str(error)[:160]}"})
+        for _ in range(args.rounds):  # every row once per round: slow drift of the machine hits all rows alike
+            for row in rows_wanted:
+                if row in errors:
+                    continue
+                try:
+                    measured[row].append(measure(folder, row, args, device, timer, peaks))
+                except (RuntimeError, ValueError) as error:
+                    errors[row] = f"{type(error).__name__}: {str(error)[:160]}"
+    rows = [
+        {"row": row, "error": errors[row]} if row in errors else summarise(measured[row], args, peaks)
+        for row in rows_wanted
+    ]
     weights = args.model or f"{args.preset} architecture, random weights"
     print(
         f"{weights}; {describe(device)}; batch {args.batch_size}, {args.prompts} box prompt(s) per image; "
-        f"median of {args.repeats} after {args.warmup} warm-up; torch {torch.__version__}"
+        f"median of {args.rounds} x {args.repeats} after {args.warmup} warm-up per round; torch {torch.__version__}"
     )
     print(table(rows))
     if args.json:

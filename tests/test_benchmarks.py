@@ -70,6 +70,9 @@ def test_latency_quick(tmp_path):
             "sdpa-fp32-merged",
             "sdpa-fp32-fast",
             "sdpa-bf16-fast",
+            "sdpa-bf16w-fast",
+            "--rounds",
+            "2",
             "--json",
             str(out),
         ]
@@ -98,8 +101,11 @@ def test_latency_quick(tmp_path):
     assert rows[1]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
     assert rows[5]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
     assert rows[6]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
+    # bf16 weights: products written in place into the bias buffer, counted like their out-of-place forms
+    assert rows[7]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
     assert rows[3]["encoder_gflop"] > rows[4]["encoder_gflop"]  # unmerged adapters add their own matmuls
-    assert [r["fast"] for r in rows] == [False] * 5 + [True] * 2
+    assert [r["fast"] for r in rows] == [False] * 5 + [True] * 3
+    assert all(r["rounds"] == 2 for r in rows)  # every row measured in each round, statistics pooled
     for row in rows:  # the floor is the row's FLOPs at the matmul peak of its precision
         floor = row["encoder_gflop"] / row["matmul_peak_gflops"] * 1000
         assert row["flop_floor_ms"] == pytest.approx(floor)
