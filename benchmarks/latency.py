@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    rows_wanted = args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)
+    rows_wanted = list(dict.fromkeys(args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)))  # once each
     timer, peaks = Timer(device), {}
     measured: dict[str, list[dict]] = {row: [] for row in rows_wanted}
     errors: dict[str, str] = {}

@@ -34,6 +34,9 @@ class ModelConfig:
         "image-encoder attention computed tile by tile with the relative-position bias built in cache "
         "(same weights, modules and outputs as SamModel; faster, less memory); false: transformers' own",
     )
+    compile: str = knob(
+        "", "torch.compile the image encoder with this backend (inductor: the default compiler); empty: off"
+    )
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """Evaluate a SAM model (+ adapter) on a COCO split, per instance at the original image resolution.
 
     python -m samtune.evaluate --model facebook/sam-vit-base [--adapter runs/x/best] \
-        --annotations val.json --images images/ [--prompt box] [--coco] [--output results.json]
+        --annotations val.json --images images/ [--prompt box] [--coco] [--output results.json] \
+        [--precision fp32|bf16|fp16] [--no-fast-encoder]
 
 Zero-shot is the same command without --adapter; --compare-base also scores the base alone and prints both.
 The metrics are the training loop's own (samtune.evaluation): mIoU / mF1 are means over instances,
@@ -25,9 +26,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from samtune import inference
 from samtune.coco import SKIP_REASONS
 from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
 from samtune.evaluation import PROMPT_KEYS, aggregate, score_batch, uses_multimask
+from samtune.fast_encoder import uses_fast_encoder
 from samtune.modeling import load_trained
 from samtune.prompts import PROMPT_MODES, PromptConfig
 
@@ -68,8 +71,13 @@ def evaluate_split(
     device: str = "cpu",
     num_workers: int = 0,
     with_rle: bool = False,
+    precision: str = "fp32",
 ) -> tuple[dict, list[dict]]:
-    """Metrics, latency and (with ``with_rle``) COCO detections of ``model`` on an evaluation dataset."""
+    """Metrics, latency and (with ``with_rle``) COCO detections of ``model`` on an evaluation dataset.
+
+    ``precision``: the model runs under that autocast (samtune.inference); masks are scored in fp32.
+    """
+    autocast = inference.autocast(device, precision)
     device = torch.device(device)
     model.to(device).eval()
     clock = _Clock(device)
@@ -78,12 +86,13 @@ def evaluate_split(
     for index, batch in enumerate(tqdm(loader, desc="evaluate", leave=False)):
         batch = _to(batch, device)
         images = batch["pixel_values"].shape[0]
-        start = clock.mark()
-        embeddings = model.get_image_embeddings(batch["pixel_values"])
-        middle = clock.mark()
         prompts = {key: batch[key] for key in PROMPT_KEYS if key in batch}
-        outputs = model(image_embeddings=embeddings, multimask_output=uses_multimask(batch), **prompts)
-        end = clock.mark()
+        with autocast:
+            start = clock.mark()
+            embeddings = model.get_image_embeddings(batch["pixel_values"])
+            middle = clock.mark()
+            outputs = model(image_embeddings=embeddings, multimask_output=uses_multimask(batch), **prompts)
+            end = clock.mark()
         if index > 0 or len(loader) == 1:  # the first batch warms up kernels and caches
             encoder_ms.append(1000 * clock.seconds(start, middle) / images)
             decoder_ms.append(1000 * clock.seconds(middle, end) / images)
@@ -94,6 +103,8 @@ def evaluate_split(
         if device.type == "cuda"
         else f"cpu ({torch.get_num_threads()} threads)",
         "batch_size": batch_size,
+        "precision": precision,
+        "fast_encoder": uses_fast_encoder(model),
         "image_encoder_ms": _summary(encoder_ms),
         "decoder_ms": _summary(decoder_ms),
     }
@@ -163,7 +174,8 @@ def format_table(columns: dict[str, dict]) -> str:
     latency = first["latency"]
     lines.append(
         f"{first['num_instances']} instances in {first['num_images']} images; per image on "
-        f"{latency['device']}, batch {latency['batch_size']}:"
+        f"{latency['device']}, batch {latency['batch_size']}, {latency.get('precision', 'fp32')}"
+        f"{'' if latency.get('fast_encoder', True) else ', plain SamModel encoder'}:"
     )
     for n in names:
         lat = columns[n]["latency"]
@@ -187,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    inference.add_arguments(parser)
     parser.add_argument("--coco", action="store_true", help="also COCO results file + COCOeval segm AP")
     parser.add_argument("--compare-base", action="store_true", help="also evaluate --model without the adapter")
     parser.add_argument("--baseline", help="also evaluate this model (e.g. the base of a full / decoder run)")
@@ -201,10 +214,16 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"zero-shot": (args.model, None), **runs}
     columns, results = {}, {}
     for name, (weights, adapter) in runs.items():
-        model, processor = load_trained(weights, adapter, attn_implementation=args.attn_implementation)
+        model, processor = load_trained(
+            weights,
+            adapter,
+            attn_implementation=args.attn_implementation,
+            fast_encoder=args.fast_encoder,
+            compile=args.compile,
+        )
         dataset = SamPromptDataset(source, processor, PromptConfig(mode=args.prompt), args.max_instances, train=False)
         metrics, records = evaluate_split(
-            model, processor, dataset, args.batch_size, args.device, args.num_workers, with_rle=args.coco
+            model, processor, dataset, args.batch_size, args.device, args.num_workers, args.coco, args.precision
         )
         metrics.update(
             model=weights,

@@ -124,6 +124,10 @@ def load_sam(spec: ModelConfig, quantise_bits: int = 0) -> tuple[SamModel, SamPr
         processor = SamProcessor.from_pretrained(spec.name_or_path)
     if spec.fast_encoder:  # before PEFT wraps anything: only the attention modules' class changes
         enable_fast_encoder(model)
+    if spec.compile:
+        # in place (nn.Module.compile): parameter names and state-dict keys stay SamModel's; traced at the first
+        # call, so adapters injected after this are compiled too
+        model.vision_encoder.compile(backend=spec.compile)
     return model, processor
 
 
@@ -274,10 +278,14 @@ def is_adapter_folder(folder: str | Path) -> bool:
 
 
 def load_trained(
-    base: str | Path, adapter: str | Path | None = None, attn_implementation: str = "sdpa", fast_encoder: bool = True
+    base: str | Path,
+    adapter: str | Path | None = None,
+    attn_implementation: str = "sdpa",
+    fast_encoder: bool = True,
+    compile: str = "",
 ):
     """A trained model for inference: base SamModel (+ adapter folder), in full precision."""
-    spec = ModelConfig(str(base), attn_implementation=attn_implementation, fast_encoder=fast_encoder)
+    spec = ModelConfig(str(base), attn_implementation=attn_implementation, fast_encoder=fast_encoder, compile=compile)
     model, processor = load_sam(spec)
     if adapter:
         from peft import PeftModel

@@ -1,7 +1,8 @@
 """Masks for new images, as a COCO results file (RLE at the original image size, predicted IoU as score).
 
     python -m samtune.predict --model facebook/sam-vit-base [--adapter runs/x/best] --images photos/ \
-        [--prompts prompts.json | --coco detections.json] [--output masks.json] [--overlays overlays/]
+        [--prompts prompts.json | --coco detections.json] [--output masks.json] [--overlays overlays/] \
+        [--precision fp32|bf16|fp16] [--no-fast-encoder]
 
 Prompts, per image file name (relative to --images, or the file's name when --images is one file):
 
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from samtune import inference
 from samtune.evaluation import encode_rle
 from samtune.images import read_rgb
 from samtune.modeling import load_trained
@@ -76,6 +78,7 @@ def prompts_from_coco(path: Path) -> tuple[dict[str, dict], dict[str, int], dict
 def prompted_masks(model, processor, image: np.ndarray, boxes: list, points: list, device) -> list[tuple]:
     """(mask at original size, score) per prompt: boxes first, then points."""
     out = []
+    embeddings = None  # the image encoder runs once per image, for boxes and points alike
     for kind, prompts in (("boxes", boxes), ("points", points)):
         if not prompts:
             continue
@@ -93,9 +96,11 @@ def prompted_masks(model, processor, image: np.ndarray, boxes: list, points: lis
                 "input_points": inputs["input_points"].float().to(device),
                 "input_labels": inputs["input_labels"].to(device),
             }
-        result = model(pixel_values=inputs["pixel_values"].to(device), multimask_output=kind == "points", **args)
+        if embeddings is None:
+            embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device))
+        result = model(image_embeddings=embeddings, multimask_output=kind == "points", **args)
         scores, best = result.iou_scores[0].float().max(dim=-1)
-        logits = result.pred_masks[0][torch.arange(len(prompts)), best][None, :, None]
+        logits = result.pred_masks[0][torch.arange(len(prompts)), best][None, :, None].float()
         masks = processor.post_process_masks(logits.cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"])
         out += [(masks[0][k, 0], float(scores[k])) for k in range(len(prompts))]
     return out
@@ -164,9 +169,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output", type=Path, default=Path("predictions.json"))
     parser.add_argument("--overlays", type=Path, help="folder for PNG overlays of the masks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    inference.add_arguments(parser)
     args = parser.parse_args(argv)
 
-    model, processor = load_trained(args.model, args.adapter)
+    autocast = inference.autocast(args.device, args.precision)
+    model, processor = load_trained(args.model, args.adapter, fast_encoder=args.fast_encoder, compile=args.compile)
     model.to(args.device)
     image_ids, categories = {}, {}
     prompts = None
@@ -184,15 +191,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for number, (name, path) in enumerate(files, start=1):
         image = read_rgb(path)
         if prompts is None:
-            found = automatic_masks(
-                model, processor, image, args.device, args.points_per_side, args.min_score, args.min_stability
-            )
+            with autocast:
+                found = automatic_masks(
+                    model, processor, image, args.device, args.points_per_side, args.min_score, args.min_stability
+                )
             labels = [1] * len(found)
         else:
             entry = prompts[name]
-            found = prompted_masks(
-                model, processor, image, entry.get("boxes", []), entry.get("points", []), args.device
-            )
+            with autocast:
+                found = prompted_masks(
+                    model, processor, image, entry.get("boxes", []), entry.get("points", []), args.device
+                )
             labels = categories.get(name) or [1] * len(found)
         for (mask, score), category in zip(found, labels):
             ys, xs = np.nonzero(mask.numpy())

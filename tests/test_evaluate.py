@@ -237,3 +237,31 @@ def test_evaluate_sh_compares_zero_shot_and_fine_tuned(tmp_path, coco, tiny_sam_
     both = json.loads(out.read_text())
     assert both["zero-shot"]["model"] == str(tiny_sam_dir) and both["fine-tuned"]["model"] == str(tuned)
     assert both["zero-shot"]["num_instances"] == both["fine-tuned"]["num_instances"] > 0
+
+
+def test_precision_and_encoder_options(coco, tiny_sam_dir):
+    """bf16 autocast scores close to fp32; transformers' own encoder scores what the fast one does; fp16 on a
+    CPU is refused before any work."""
+    base = ["--model", str(tiny_sam_dir), "--annotations", str(coco[0]), "--images", str(coco[1])]
+    fp32 = evaluate_main(base)
+    plain = evaluate_main([*base, "--no-fast-encoder"])
+    bf16 = evaluate_main([*base, "--precision", "bf16", "--compile", "aot_eager"])  # compiled, as a user may
+    assert fp32["latency"]["fast_encoder"] and not plain["latency"]["fast_encoder"]
+    assert (fp32["latency"]["precision"], bf16["latency"]["precision"]) == ("fp32", "bf16")
+    assert plain["mIoU"] == pytest.approx(fp32["mIoU"], abs=1e-3)
+    assert bf16["num_instances"] == fp32["num_instances"] > 0
+    assert bf16["mIoU"] == pytest.approx(fp32["mIoU"], abs=0.03)
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        evaluate_main([*base, "--precision", "fp16", "--device", "cpu"])
+
+
+def test_inference_autocast_runs_products_in_the_asked_precision():
+    from samtune import inference
+
+    layer = torch.nn.Linear(4, 4)
+    with inference.autocast("cpu", "bf16"):
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with inference.autocast("cpu", "fp32"):
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference.autocast("cpu", "int8")

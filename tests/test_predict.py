@@ -103,3 +103,29 @@ def test_bad_prompt_files_are_refused(tmp_path):
     path.write_text(json.dumps({"a.jpg": {"circles": []}}))
     with pytest.raises(ValueError, match="must be a list of boxes"):
         read_prompts(path)
+
+
+def _agreement(a: list[dict], b: list[dict]) -> tuple[float, float]:
+    """Mean pixel agreement of paired masks, largest score difference."""
+    agree = [(mask_utils.decode(x["segmentation"]) == mask_utils.decode(y["segmentation"])).mean() for x, y in
+             zip(a, b)]  # fmt: skip
+    return float(sum(agree) / len(agree)), max(abs(x["score"] - y["score"]) for x, y in zip(a, b))
+
+
+def test_bf16_masks_as_close_to_fp32_as_plain_sams(coco, tiny_sam_dir, tmp_path):
+    """--precision bf16 really runs in bf16, and the fast encoder's bf16 masks are as close to fp32 as those
+    of transformers' own encoder in bf16 (the tiny random model's logits hover near 0, so rounding flips
+    pixels and the IoU head amplifies it either way)."""
+    annotation_file, image_dir = coco
+    sizes, _ = _sizes(annotation_file)
+    argv = ["--model", str(tiny_sam_dir), "--images", str(image_dir), "--coco", str(annotation_file)]
+    fp32 = predict([*argv, "--output", str(tmp_path / "fp32.json")])
+    bf16 = predict([*argv, "--output", str(tmp_path / "bf16.json"), "--precision", "bf16"])
+    plain = predict([*argv, "--output", str(tmp_path / "plain.json"), "--precision", "bf16", "--no-fast-encoder"])
+    _check(bf16, sizes)
+    assert [(r["file_name"], r["category_id"]) for r in bf16] == [(r["file_name"], r["category_id"]) for r in fp32]
+    fast_agree, fast_gap = _agreement(fp32, bf16)
+    plain_agree, plain_gap = _agreement(fp32, plain)
+    assert fast_gap > 0  # bf16 was used
+    assert fast_agree >= plain_agree - 0.01 and fast_agree > 0.9
+    assert fast_gap <= 1.5 * plain_gap + 1e-3
