@@ -21,7 +21,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
+from transformers.activations import GELUActivation
+from transformers.models.sam.modeling_sam import (
+    SamMLPBlock,
+    SamVisionAttention,
+    SamVisionLayer,
+    SamVisionSdpaAttention,
+)
 
 try:  # where transformers records attention weights when output_attentions is asked for
     from transformers.utils.output_capturing import _active_collector
@@ -213,12 +219,60 @@ class FastSamVisionSdpaAttention(_FastForward, SamVisionSdpaAttention):
     """SamVisionSdpaAttention with the tiled forward."""
 
 
-_FAST = {SamVisionAttention: FastSamVisionAttention, SamVisionSdpaAttention: FastSamVisionSdpaAttention}
+def _fused_linear_gelu_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class FastSamMLPBlock(SamMLPBlock):
+    """The image encoder's MLP with ``lin1`` and GELU as one oneDNN primitive in CPU inference.
+
+    The separate GELU pass over the 4 x wider hidden activations measured 25-35% of the MLP's first half
+    (ViT-B at 1024, fp32 and bf16). The fused path needs no gradients, a plain ``nn.Linear`` lin1 (an adapter
+    or a 4-bit layer there takes the original path; merged adapters are plain again) and exact GELU.
+    """
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = self._compute_dtype(hidden_states)
+        if dtype not in (torch.float32, torch.bfloat16) or not self._fusable(hidden_states):
+            return super().forward(hidden_states)
+        weight, bias = self.lin1.weight.to(dtype), self.lin1.bias
+        hidden = torch.ops.mkldnn._linear_pointwise(
+            hidden_states.to(dtype), weight, None if bias is None else bias.to(dtype), "gelu", [], "none"
+        )
+        return self.lin2(hidden)
+
+    def _compute_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
+        """The dtype lin1 computes in: autocast's, else the input's when it is the weights' (None: mixed)."""
+        device = hidden_states.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return hidden_states.dtype if hidden_states.dtype == self.lin1.weight.dtype else None
+
+    def _fusable(self, hidden_states: torch.Tensor) -> bool:
+        needs_grad = torch.is_grad_enabled() and (
+            hidden_states.requires_grad or any(p.requires_grad for p in self.lin1.parameters())
+        )
+        return (
+            hidden_states.device.type == "cpu"
+            and not needs_grad
+            and type(self.lin1) is torch.nn.Linear
+            and type(self.act) is GELUActivation
+            and self.act.act is F.gelu
+            and self.lin1.weight.dtype in (torch.float32, torch.bfloat16)
+            and _fused_linear_gelu_available()
+        )
+
+
+_FAST = {
+    SamVisionAttention: FastSamVisionAttention,
+    SamVisionSdpaAttention: FastSamVisionSdpaAttention,
+    SamMLPBlock: FastSamMLPBlock,
+}
 _PLAIN = {fast: plain for plain, fast in _FAST.items()}
 
 
 def enable_fast_encoder(model: torch.nn.Module) -> int:
-    """Switch every SAM vision attention module in ``model`` to the fast forward; returns how many."""
+    """Switch the image encoder's attention and MLP modules in ``model`` to the fast forwards; returns how many."""
     return _swap(model, _FAST)
 
 
@@ -228,12 +282,15 @@ def disable_fast_encoder(model: torch.nn.Module) -> int:
 
 
 def _swap(model: torch.nn.Module, classes: dict) -> int:
+    # MLP blocks only inside the image encoder's layers: the mask decoder has SamMLPBlocks too
+    encoder_mlps = {id(layer.mlp) for layer in model.modules() if isinstance(layer, SamVisionLayer)}
     count = 0
     for module in model.modules():
         target = classes.get(type(module))
-        if target is not None:
-            module.__class__ = target  # no new parameters or buffers: only forward changes
-            count += 1
+        if target is None or (isinstance(module, SamMLPBlock) and id(module) not in encoder_mlps):
+            continue
+        module.__class__ = target  # no new parameters or buffers: only forward changes
+        count += 1
     return count
 
 

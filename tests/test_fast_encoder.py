@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import SamModel
-from transformers.models.sam.modeling_sam import SamVisionAttention, SamVisionSdpaAttention
+from transformers.models.sam.modeling_sam import SamMLPBlock, SamVisionAttention, SamVisionSdpaAttention
 
 import samtune.fast_encoder as fast
 from samtune.config import ModelConfig, PeftConfig
@@ -224,8 +224,46 @@ def test_switch_keeps_modules_and_weights(model_dir):
     assert fast.uses_fast_encoder(quick) and not fast.uses_fast_encoder(plain)
     assert list(quick.state_dict()) == list(plain.state_dict())
     assert [n for n, _ in quick.named_modules()] == [n for n, _ in plain.named_modules()]
-    assert fast.disable_fast_encoder(quick) == len(attention) and not fast.uses_fast_encoder(quick)
+    # the encoder's MLP blocks switch too, the mask decoder's (ReLU) stay transformers'
+    encoder_mlps = [n for n, m in quick.named_modules() if type(m) is fast.FastSamMLPBlock]
+    layers = plain.config.vision_config.num_hidden_layers
+    assert len(encoder_mlps) == layers and all(n.startswith("vision_encoder.") for n in encoder_mlps)
+    assert any(type(m) is SamMLPBlock for n, m in quick.named_modules() if n.startswith("mask_decoder."))
+    assert fast.disable_fast_encoder(quick) == len(attention) + layers and not fast.uses_fast_encoder(quick)
     assert all(type(m) is SamVisionSdpaAttention for m in quick.modules() if isinstance(m, SamVisionAttention))
+    assert not any(type(m) is fast.FastSamMLPBlock for m in quick.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_mlp_matches_the_original(dtype):
+    """lin1 + GELU as one oneDNN call in inference; with gradients, or a wrapped lin1, the original path."""
+    config = preset_config("vit-b", 224).vision_config
+    plain = SamMLPBlock(config).to(dtype).eval()
+    quick = SamMLPBlock(config).to(dtype).eval()
+    quick.load_state_dict(plain.state_dict())
+    quick.__class__ = fast.FastSamMLPBlock  # what enable_fast_encoder does to the encoder's MLP blocks
+    x = torch.randn(2, 7, 9, config.hidden_size).to(dtype)
+    calls = []
+    original = torch.ops.mkldnn._linear_pointwise
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[3])
+            return original(*args)
+
+    import unittest.mock
+
+    with unittest.mock.patch.object(torch.ops.mkldnn, "_linear_pointwise", Spy()):
+        with torch.no_grad():
+            want, got = plain(x), quick(x)
+        assert calls == ["gelu"]  # the fused primitive ran, with GELU as its post-op
+        bound = FP32_REL if dtype == torch.float32 else 0.02  # bf16: one rounding less than the original
+        assert got.dtype == dtype and _rel(got, want) < bound
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast over fp32 weights
+            assert quick.float()(x.float()).dtype == torch.bfloat16
+        calls.clear()
+        quick(x.float().requires_grad_()).sum().backward()  # gradients: the original path
+        assert calls == []
 
 
 def test_knob_reaches_the_command_line_and_load_trained(tiny_sam_dir):
