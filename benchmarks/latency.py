@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -76,6 +77,15 @@ if _CPU_SDPA not in flop_registry:  # torch counts the GPU kernels' attention pr
     @register_flop_formula(_CPU_SDPA)
     def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
         return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+if _LINEAR_POINTWISE is not None and _LINEAR_POINTWISE not in flop_registry:  # the fused lin1 + GELU of the MLP
+
+    @register_flop_formula(_LINEAR_POINTWISE)
+    def _linear_pointwise_flops(input_shape, weight_shape, *args, **kwargs) -> int:
+        rows = math.prod(input_shape[:-1])
+        return 2 * rows * weight_shape[0] * weight_shape[1]
 
 
 # nor the in-place products (the fast encoder writes its scores into the bias buffer): same FLOPs as out of place

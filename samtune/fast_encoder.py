@@ -11,10 +11,14 @@ is written by one broadcast add into a small reused buffer in the query's dtype 
 consumed while it is still in cache. With gradients, an autograd function recomputes each tile in backward
 from the saved log-sum-exp (as flash attention does), so no N x N tensor lives between forward and backward.
 
-``enable_fast_encoder(model)`` swaps the class of each vision attention module for a subclass that only
-overrides ``forward``: the module tree, parameter names and state-dict keys stay SamModel's, so checkpoints,
-PEFT targets (``qkv``, ``proj``), merging and ``save_pretrained`` are unchanged, and ``qkv`` / ``proj`` are
-still called as submodules (LoRA, DoRA and 4-bit layers included).
+In CPU inference the MLP's ``lin1`` and GELU also run as one oneDNN primitive (no separate pass over the
+4 x wider hidden activations).
+
+``enable_fast_encoder(model)`` swaps the class of each vision attention module, and of each image-encoder MLP
+block, for a subclass that only overrides ``forward``: the module tree, parameter names and state-dict keys
+stay SamModel's, so checkpoints, PEFT targets (``qkv``, ``proj``, ``lin1``, ``lin2``), merging and
+``save_pretrained`` are unchanged, and the linear layers are still called as submodules (LoRA, DoRA and 4-bit
+layers included; a wrapped ``lin1`` takes the unfused path).
 """
 
 from __future__ import annotations
