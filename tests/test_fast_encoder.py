@@ -264,6 +264,12 @@ def test_fused_mlp_matches_the_original(dtype):
         calls.clear()
         quick(x.float().requires_grad_()).sum().backward()  # gradients: the original path
         assert calls == []
+        with torch.no_grad():  # fp32 below the width where fusing pays: the original path too
+            narrow = fast.FastSamMLPBlock(preset_config("slimsam-77", 224).vision_config).float().eval()
+            narrow(torch.randn(1, 4, 4, narrow.lin1.in_features))
+            assert narrow.lin1.in_features < fast.FUSE_FP32_MIN_WIDTH and calls == []
+            narrow.to(torch.bfloat16)(torch.randn(1, 4, 4, narrow.lin1.in_features, dtype=torch.bfloat16))
+            assert calls == ["gelu"]
 
 
 def test_knob_reaches_the_command_line_and_load_trained(tiny_sam_dir):
