@@ -4,20 +4,20 @@
         [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--rounds 1] [--threads N] [--json out.json]
     python benchmarks/latency.py --quick        # tiny model: what the tests run
 
-On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock around
-the call (the thread count is printed). Median and p90 over --repeats; with --rounds R every row is loaded and
-measured R times in turn and the statistics pool all rounds, so a machine whose speed drifts (shared CPUs) slows
-every row alike instead of whichever row ran during the slow minute. A row is
-ATTENTION-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast
-over fp32 weights), or bf16w / fp16w (weights loaded in that dtype, model.dtype, no autocast); fast: samtune's
-fast image encoder (model.fast_encoder; without it, plain SamModel); adapter unmerged or merged (LoRA rank 8 on the
-encoder's attention and MLP, random non-zero weights); compile wraps the image encoder in torch.compile (its
-compile time is reported apart). All rows load the same weights. Presets are the published architectures with
-random weights (latency depends on the architecture only; the output says so); --model takes any SamModel folder
-or hub id. Encoder FLOPs come from torch's FLOP counter, taught the CPU's fused SDPA kernel so every row counts
-the attention products; the FLOP floor is those FLOPs at the matmul peak measured on the same device in the same
-run, in the row's precision ("x floor": encoder time / floor time). Peak memory: the CUDA allocator's peak, or
-on a CPU the process's peak resident size during the row's timed calls (reset per row, see cpu_memory.py).
+On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock around the
+call (the thread count is printed). Median and p90 over --repeats; with --rounds R every row is loaded and measured
+R times in turn and the statistics pool all rounds, so a machine whose speed drifts (shared CPUs) slows every row
+alike instead of whichever row ran during the slow minute. A row is ATTENTION-PRECISION[-fast][-ADAPTER][-compile]:
+attention sdpa or eager; precision fp32, bf16 or fp16 (autocast over fp32 weights), or bf16w / fp16w (weights loaded
+in that dtype, model.dtype, no autocast); fast: samtune's fast image encoder (model.fast_encoder; without it, plain
+SamModel); adapter unmerged or merged (LoRA rank 8 on the encoder's attention and MLP, random non-zero weights);
+compile: the image encoder compiled by torch.compile (model.compile inductor; its compile time is reported apart).
+All rows load the same weights. Presets are the published architectures with random weights (latency depends on the
+architecture only; the output says so); --model takes any SamModel folder or hub id. Encoder FLOPs come from torch's
+FLOP counter, taught the CPU's fused SDPA kernel so every row counts the attention products; the FLOP floor is those
+FLOPs at the matmul peak measured on the same device in the same run, in the row's precision ("x floor": encoder
+time / floor time). Peak memory: the CUDA allocator's peak, or on a CPU the process's peak resident size during the
+row's timed calls (reset per row, see cpu_memory.py).
 """
 
 from __future__ import annotations
@@ -143,8 +143,11 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, timer: Timer) -> float
 
 def build(folder: str, spec: dict, device: torch.device):
     weights = str(DTYPES[spec["precision"]]).removeprefix("torch.") if spec["precision"].endswith("w") else "float32"
+    compile = "inductor" if spec["compile"] else ""  # the model.compile knob: the encoder compiled in place
     model, processor = load_sam(
-        ModelConfig(folder, attn_implementation=spec["attention"], dtype=weights, fast_encoder=spec["fast"])
+        ModelConfig(
+            folder, attn_implementation=spec["attention"], dtype=weights, fast_encoder=spec["fast"], compile=compile
+        )
     )
     if spec["adapter"] != "plain":
         model = apply_method(model, PeftConfig(method="lora", targets="encoder-attn-mlp", rank=8, dropout=0.0))
@@ -178,8 +181,7 @@ def measure(folder: str, row: str, args, device: torch.device, timer: Timer, pea
     boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1).to(device, weights)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != weights)
     compile_s = None
-    if spec["compile"]:
-        base.vision_encoder = torch.compile(base.vision_encoder)
+    if spec["compile"]:  # the first call compiles
         with autocast:
             compile_s = timer(lambda: model.get_image_embeddings(pixels))
     with autocast:

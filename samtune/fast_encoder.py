@@ -228,8 +228,8 @@ class FastSamVisionSdpaAttention(_FastForward, SamVisionSdpaAttention):
 FUSE_FP32_MIN_WIDTH = 512
 
 
-def _fused_linear_gelu_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN's fused linear + pointwise op, as inductor uses it; absent from builds without oneDNN
+_LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class FastSamMLPBlock(SamMLPBlock):
@@ -241,36 +241,37 @@ class FastSamMLPBlock(SamMLPBlock):
     """
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = self._compute_dtype(hidden_states)
-        narrow_fp32 = dtype == torch.float32 and self.lin1.in_features < FUSE_FP32_MIN_WIDTH
-        if dtype not in (torch.float32, torch.bfloat16) or narrow_fp32 or not self._fusable(hidden_states):
+        dtype = self._fused_dtype(hidden_states)
+        if dtype is None:
             return super().forward(hidden_states)
-        weight, bias = self.lin1.weight.to(dtype), self.lin1.bias
+        bias = None if self.lin1.bias is None else self.lin1.bias.to(dtype)
         hidden = torch.ops.mkldnn._linear_pointwise(
-            hidden_states.to(dtype), weight, None if bias is None else bias.to(dtype), "gelu", [], "none"
+            hidden_states.to(dtype), self.lin1.weight.to(dtype), bias, "gelu", [], "none"
         )
         return self.lin2(hidden)
 
-    def _compute_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
-        """The dtype lin1 computes in: autocast's, else the input's when it is the weights' (None: mixed)."""
-        device = hidden_states.device.type
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
-        return hidden_states.dtype if hidden_states.dtype == self.lin1.weight.dtype else None
-
-    def _fusable(self, hidden_states: torch.Tensor) -> bool:
-        needs_grad = torch.is_grad_enabled() and (
-            hidden_states.requires_grad or any(p.requires_grad for p in self.lin1.parameters())
-        )
-        return (
-            hidden_states.device.type == "cpu"
-            and not needs_grad
-            and type(self.lin1) is torch.nn.Linear
+    def _fused_dtype(self, hidden_states: torch.Tensor) -> torch.dtype | None:
+        """The dtype the fused lin1 + GELU computes in (autocast's, else the input's), or None: the original."""
+        lin1, device = self.lin1, hidden_states.device.type
+        if not (
+            _LINEAR_POINTWISE
+            and device == "cpu"
+            and type(lin1) is torch.nn.Linear
             and type(self.act) is GELUActivation
             and self.act.act is F.gelu
-            and self.lin1.weight.dtype in (torch.float32, torch.bfloat16)
-            and _fused_linear_gelu_available()
-        )
+        ):
+            return None
+        if torch.is_grad_enabled() and (hidden_states.requires_grad or any(p.requires_grad for p in lin1.parameters())):
+            return None
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+        elif hidden_states.dtype == lin1.weight.dtype:
+            dtype = hidden_states.dtype
+        else:
+            return None  # mixed dtypes: the original raises its own error
+        if dtype == torch.bfloat16 or (dtype == torch.float32 and lin1.in_features >= FUSE_FP32_MIN_WIDTH):
+            return dtype
+        return None
 
 
 _FAST = {

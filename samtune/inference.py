@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fast-encoder",
         default=True,
         action=argparse.BooleanOptionalAction,
-        help="samtune's tiled image-encoder attention (same outputs as SamModel); --no-fast-encoder: transformers'",
+        help="samtune's fast image encoder (same outputs as SamModel); --no-fast-encoder: transformers' own",
     )
 
 

@@ -122,7 +122,7 @@ def load_sam(spec: ModelConfig, quantise_bits: int = 0) -> tuple[SamModel, SamPr
         if quantise_bits == 4 and not torch.cuda.is_available():
             _disable_cpu_bf16_kernels(model)
         processor = SamProcessor.from_pretrained(spec.name_or_path)
-    if spec.fast_encoder:  # before PEFT wraps anything: only the attention modules' class changes
+    if spec.fast_encoder:  # before PEFT wraps anything: only the encoder's attention / MLP classes change
         enable_fast_encoder(model)
     if spec.compile:
         # in place (nn.Module.compile): parameter names and state-dict keys stay SamModel's; traced at the first
