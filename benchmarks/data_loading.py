@@ -1,30 +1,29 @@
 """Data-loading rate: images/s from COCO files to padded SAM batches, with 0 and N DataLoader workers.
 
-    python benchmarks/data_loading.py [--images 48] [--side 1024] [--workers 0 2] [--json out.json]
+    python benchmarks/data_loading.py [--images 48] [--side 1024] [--workers 0 2] [--batch-size 4] [--repeats 3]
+        [--prompt box] [--threads 1] [--json out.json]
+    python benchmarks/data_loading.py --quick --json out.json   # 6 small images, no workers: what the tests run
 
-Synthetic COCO images (long side around ``--side``, varied aspect ratios and modes) go through
-the real pipeline: checked COCO index, decoding, prompts, SamProcessor at ``--side`` input,
-collation. Wall-clock time of a full pass, after one warm-up pass, best of ``--repeats``.
+Synthetic COCO images (long side between half ``--side`` and ``--side``, varied aspect ratios and modes) go
+through the real pipeline: checked COCO index, decoding, prompts, SamProcessor at ``--side`` input, collation.
+One torch thread by default, like a DataLoader worker (--threads). Timing and the JSON report are every
+benchmark's (benchmarks/common.py), here per full pass over the data set: pass_median_ms / pass_p90_ms over
+--repeats passes after one warm-up pass; images/s from the median. open_ms: opening the data set once (index
+and header checks). CPU work: --device takes cpu only.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common
 
-import torch  # noqa: E402
-
-from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader  # noqa: E402
-from samtune.prompts import PromptConfig  # noqa: E402
-from samtune.synthetic import SyntheticSpec, make_synthetic_coco  # noqa: E402
-from samtune.tiny import processor_for, tiny_sam_config  # noqa: E402
+from samtune.config import DataConfig
+from samtune.data.coco import CocoInstanceDataset
+from samtune.data.dataset import SamPromptDataset, make_loader
+from samtune.models.architectures import processor_for, tiny_sam_config
+from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 
 
 def one_pass(loader) -> int:
@@ -34,53 +33,58 @@ def one_pass(loader) -> int:
     return images
 
 
+QUICK = {"images": 6, "side": 128, "workers": [0], "batch_size": 2, "repeats": 3}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(
+        __file__,
+        __doc__,
+        quick="6 images at 128 px, batches of 2, no workers, 3 timed passes",
+        cpu_only="decoding and SamProcessor run on the CPU, in the loader's processes",
+        threads=1,
+    )
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--side", type=int, default=1024, help="model input size (longest edge)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="DataLoader worker counts, one row each")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--prompt", default="box")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)  # like a DataLoader worker; the main process gets no more
+    parser.add_argument("--prompt", default="box", choices=["box", "point", "box+point", "mixed", "none"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per worker count")
+    args = common.parse(parser, argv, quick=QUICK)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         spec = SyntheticSpec(num_images=args.images, min_side=args.side // 2, max_side=args.side, max_shapes=6)
         annotations, image_dir = make_synthetic_coco(tmp, spec)
         start = time.perf_counter()
         source = CocoInstanceDataset(annotations, image_dir)
-        open_s = time.perf_counter() - start
+        open_ms = (time.perf_counter() - start) * 1000
         processor = processor_for(tiny_sam_config(image_size=args.side))
-        dataset = SamPromptDataset(source, processor, PromptConfig(mode=args.prompt), max_instances=16, train=True)
+        dataset = SamPromptDataset(source, processor, DataConfig(prompt=args.prompt, max_instances=16), train=True)
         for workers in args.workers:
             loader = make_loader(dataset, args.batch_size, num_workers=workers)
-            one_pass(loader)  # warm-up: file cache, worker start-up code paths
-            best = float("inf")
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                images = one_pass(loader)
-                best = min(best, time.perf_counter() - start)
+            images = one_pass(loader)  # warm-up: file cache, worker start-up code paths
+            seconds = common.time_calls(lambda loader=loader: one_pass(loader), args.repeats, 0, common.Timer("cpu"))
+            times = common.timing("pass", seconds)
             rows.append(
                 {
                     "workers": workers,
                     "images": images,
-                    "seconds": best,
-                    "images_per_s": images / best,
+                    "batch_size": args.batch_size,
+                    **times,
+                    "images_per_s": images / (times["pass_median_ms"] / 1000),
                     "input_side": args.side,
                     "prompt": args.prompt,
-                    "open_s": open_s,
-                    "cpus": os.cpu_count(),
+                    "open_ms": open_ms,
                 }
             )
-    print(f"| workers | images/s | s per pass ({rows[0]['images']} images) |")
+    print(f"{common.describe(args.device)}; median (p90) of {args.repeats} passes after one warm-up pass")
+    print(f"| workers | images/s | ms per pass of {rows[0]['images']} images (p90) |")
     print("|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['workers']} | {row['images_per_s']:.1f} | {row['seconds']:.2f} |")
-    print(f"opening (index + header checks of {args.images} images): {open_s * 1000:.0f} ms")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        median, p90 = row["pass_median_ms"], row["pass_p90_ms"]
+        print(f"| {row['workers']} | {row['images_per_s']:.1f} | {median:.0f} ({p90:.0f}) |")
+    print(f"opening (index + header checks of {args.images} images): {open_ms:.0f} ms")
+    common.report(args, rows, data_set=f"{args.images} synthetic COCO images", repeats=args.repeats)
     return rows
 
 

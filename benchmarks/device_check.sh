@@ -8,7 +8,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
-  export PYTHONPATH=$PWD
+  export PYTHONPATH=$PWD  # samtune is not installed there; the benchmark scripts need no path of their own
 fi
 export PYTHONUNBUFFERED=1 SAMTUNE_CACHE=/tmp/samtune-cache
 {
@@ -23,11 +23,12 @@ timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests \
   -k "not two_process and not quantised and not qlora and not qdora" > "$OUT/pytest.txt" 2>&1
 echo "pytest rc=$?" >> "$OUT/pytest.txt"
 
-# 2. Training-step throughput and peak memory, SAM ViT-B and SlimSAM-77 architectures, 1024 input.
+# 2. Training-step throughput and peak memory, SAM ViT-B and SlimSAM-77 architectures, 1024 input. JSON:
+#    {"meta", "rows"}, step_median_ms / step_p90_ms, peak_memory_mib (benchmarks/RESULTS.md, top).
 for preset in vit-b slimsam-77; do
-  timeout 150 python3 benchmarks/train_throughput.py --preset "$preset" --methods full decoder lora dora \
-    --precision fp32 bf16 --batch-size 4 --instances 8 --steps 10 --warmup 3 --json "$OUT/train_$preset.json" \
-    > "$OUT/train_$preset.txt" 2>&1
+  timeout 150 python3 benchmarks/train_throughput.py --device cuda --preset "$preset" --methods full decoder \
+    lora dora --precision fp32 bf16 --batch-size 4 --instances 8 --steps 10 --warmup 3 \
+    --json "$OUT/train_$preset.json" > "$OUT/train_$preset.txt" 2>&1
 done
 
 # 3. The training script under accelerate on one GPU (bf16) and under the FSDP config (one process).

@@ -1,46 +1,43 @@
 """Inference latency of SAM: image encoder, decoder per prompt, end to end; images/s, memory, FLOP/s.
 
     python benchmarks/latency.py [--preset vit-b | --model PATH] [--rows sdpa-fp32 sdpa-fp32-fast sdpa-bf16 ...]
-        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--rounds 1] [--threads N] [--json out.json]
-    python benchmarks/latency.py --quick        # tiny model: what the tests run
+        [--batch-size 1] [--prompts 1] [--repeats 5] [--warmup 2] [--rounds 1] [--threads N] [--device cuda]
+        [--json out.json]
+    python benchmarks/latency.py --quick --json out.json     # tiny model, 3 repeats: what the tests run
 
-On CUDA, each timing is a pair of CUDA events around the call, after warm-up; on a CPU, a monotonic clock around the
-call (the thread count is printed). Median and p90 over --repeats; with --rounds R every row is loaded and measured
-R times in turn and the statistics pool all rounds, so a machine whose speed drifts (shared CPUs) slows every row
-alike instead of whichever row ran during the slow minute. A row is ATTENTION-PRECISION[-fast][-ADAPTER][-compile]:
-attention sdpa or eager; precision fp32, bf16 or fp16 (autocast over fp32 weights), or bf16w / fp16w (weights loaded
-in that dtype, model.dtype, no autocast); fast: samtune's fast image encoder (model.fast_encoder; without it, plain
-SamModel); adapter unmerged or merged (LoRA rank 8 on the encoder's attention and MLP, random non-zero weights);
-compile: the image encoder compiled by torch.compile (model.compile inductor; its compile time is reported apart).
-All rows load the same weights. Presets are the published architectures with random weights (latency depends on the
-architecture only; the output says so); --model takes any SamModel folder or hub id. Encoder FLOPs come from torch's
-FLOP counter, taught the CPU's fused SDPA kernel so every row counts the attention products; the FLOP floor is those
-FLOPs at the matmul peak measured on the same device in the same run, in the row's precision ("x floor": encoder
-time / floor time). Peak memory: the CUDA allocator's peak, or on a CPU the process's peak resident size during the
-row's timed calls (reset per row, see cpu_memory.py).
+Timing, statistics, memory and the JSON report are every benchmark's (benchmarks/common.py): each call timed by
+CUDA events on a GPU or a monotonic clock on a CPU, after --warmup calls; median and p90 in ms over --repeats
+(keys ENCODER_median_ms / _p90_ms for encoder, decoder, end_to_end); peak memory in MiB. With --rounds R every
+row is loaded and measured R times in turn and the statistics pool all rounds, so a machine whose speed drifts
+(shared CPUs) slows every row alike instead of whichever row ran during the slow minute. A row is
+ATTENTION-PRECISION[-fast][-ADAPTER][-compile]: attention sdpa or eager; precision fp32, bf16 or fp16 (autocast
+over fp32 weights), or bf16w / fp16w (weights loaded in that dtype, model.dtype, no autocast); fast: samtune's
+fast image encoder (model.fast_encoder; without it, plain SamModel); adapter unmerged or merged (LoRA rank 8 on
+the encoder's attention and MLP, random non-zero weights); compile: the image encoder compiled by torch.compile
+(model.compile inductor; its compile time, compile_ms, is reported apart). All rows load the same weights.
+Presets are the published architectures with random weights (latency depends on the architecture only; the
+output says so); --model takes any SamModel folder or hub id. Encoder FLOPs come from torch's FLOP counter,
+taught the CPU's fused SDPA kernel so every row counts the attention products; the FLOP floor is those FLOPs at
+the matmul peak measured on the same device in the same run, in the row's precision ("x floor": encoder median
+/ floor; the peak is the best of a few large square products, a peak rate rather than a timing). Peak memory:
+the CUDA allocator's peak, or on a CPU the process's peak resident size during the row's timed calls (reset per
+row).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common
+import torch
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count  # noqa: E402
-
-from benchmarks import cpu_memory  # noqa: E402
-from samtune.config import ModelConfig, PeftConfig  # noqa: E402
-from samtune.modeling import apply_method, load_sam  # noqa: E402
-from samtune.presets import PRESETS, save_random_preset  # noqa: E402
+from samtune.config import ModelConfig, PeftConfig
+from samtune.models.architectures import PRESETS, preset_config, save_random_sam
+from samtune.models.loading import base_model, load_sam
+from samtune.models.methods import apply_method
 
 DTYPES = {
     "fp32": torch.float32,
@@ -114,31 +111,16 @@ def parse_row(row: str) -> dict:
     return spec
 
 
-class Timer:
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        """Seconds one call of ``fn`` takes."""
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
-        begin = time.perf_counter()
-        fn()
-        return time.perf_counter() - begin
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, timer: Timer) -> float:
-    """GFLOP/s of a large square matrix product on this device, in this precision (best of 5)."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, timer: common.Timer) -> float:
+    """GFLOP/s of a large square matrix product on this device, in this precision: a peak rate, so the best of
+    5 (3 on a CPU) timed products after one warm-up."""
     side = 8192 if device.type == "cuda" else 2048
     a = torch.randn(side, side, device=device, dtype=dtype)
     b = torch.randn(side, side, device=device, dtype=dtype)
-    best = min(timer(lambda: torch.mm(a, b)) for _ in range(5 if device.type == "cuda" else 3))
-    return 2 * side**3 / best / 1e9
+    seconds = common.time_calls(
+        lambda: torch.mm(a, b), repeats=5 if device.type == "cuda" else 3, warmup=1, timer=timer
+    )
+    return 2 * side**3 / min(seconds) / 1e9
 
 
 def build(folder: str, spec: dict, device: torch.device):
@@ -160,104 +142,85 @@ def build(folder: str, spec: dict, device: torch.device):
     return model.to(device).eval(), processor
 
 
-def _stats(seconds: list[float]) -> dict:
-    ms = np.array(seconds) * 1000
-    return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90))}
-
-
 @torch.inference_mode()
-def measure(folder: str, row: str, args, device: torch.device, timer: Timer, peaks: dict) -> dict:
+def measure(folder: str, row: str, args, timer: common.Timer, peaks: dict) -> dict:
+    """One round of one row: the timed calls' seconds per part, the peak memory, the encoder's FLOPs."""
+    device = args.device
     spec = parse_row(row)
     dtype = DTYPES[spec["precision"]]
     if spec["precision"] == "fp16" and device.type == "cpu":
         raise ValueError("fp16 autocast is for GPUs")
     model, _ = build(folder, spec, device)
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    side = base.config.vision_config.image_size
+    side = base_model(model).config.vision_config.image_size
     generator = torch.Generator().manual_seed(0)
     weights = dtype if spec["precision"].endswith("w") else torch.float32
     pixels = torch.randn(args.batch_size, 3, side, side, generator=generator).to(device, weights)
     corners = torch.rand(args.batch_size, args.prompts, 2, 2, generator=generator) * (side - 1)
     boxes = torch.cat([corners.min(dim=2).values, corners.max(dim=2).values], dim=-1).to(device, weights)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != weights)
-    compile_s = None
+    compile_seconds = None
     if spec["compile"]:  # the first call compiles
         with autocast:
-            compile_s = timer(lambda: model.get_image_embeddings(pixels))
+            compile_seconds = timer(lambda: model.get_image_embeddings(pixels))
     with autocast:
         embeddings = model.get_image_embeddings(pixels)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        cpu_memory.reset_peak()
-    times: dict[str, list[float]] = {"encoder": [], "decoder": [], "end_to_end": []}
+    common.reset_peak_memory(device)
     calls = {
         "encoder": lambda: model.get_image_embeddings(pixels),
         "decoder": lambda: model(image_embeddings=embeddings, input_boxes=boxes, multimask_output=False),
         "end_to_end": lambda: model(pixel_values=pixels, input_boxes=boxes, multimask_output=False),
     }
     with autocast:
-        for part, call in calls.items():
-            for step in range(args.warmup + args.repeats):
-                seconds = timer(call)
-                if step >= args.warmup:
-                    times[part].append(seconds)
+        seconds = {part: common.time_calls(call, args.repeats, args.warmup, timer) for part, call in calls.items()}
+    memory = common.peak_memory_mib(device)
     flops = FlopCounterMode(display=False)  # no autocast: the FLOP count does not depend on precision
     with flops:
         model.get_image_embeddings(pixels[:1])
     if dtype not in peaks:
         peaks[dtype] = matmul_peak(device, dtype, timer)
-    if device.type == "cuda":
-        memory, memory_kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda allocator peak"
-    else:
-        memory, memory_kind = cpu_memory.peak_mib(), "process peak RSS during the timed calls"
     return {
         "row": row,
         **spec,
-        "seconds": times,
+        "seconds": seconds,
         "peak_memory_mib": memory,
-        "peak_memory_kind": memory_kind,
-        "compile_s": compile_s,
+        "compile_seconds": compile_seconds,
         "encoder_flops": flops.get_total_flops() * args.batch_size,
     }
 
 
 def summarise(rounds: list[dict], args, peaks: dict) -> dict:
-    """One row's result from its measurements in every round: medians over all timed calls, the largest peak."""
+    """One row's result from its measurements in every round: median and p90 over all timed calls, the largest
+    peak memory."""
     first = rounds[0]
-    times = {part: [t for r in rounds for t in r["seconds"][part]] for part in first["seconds"]}
+    seconds = {part: [t for r in rounds for t in r["seconds"][part]] for part in first["seconds"]}
+    times = {key: value for part, values in seconds.items() for key, value in common.timing(part, values).items()}
     dtype = DTYPES[first["precision"]]
-    encoder, end_to_end = _stats(times["encoder"]), _stats(times["end_to_end"])
-    gflops = first["encoder_flops"] / (encoder["median_ms"] / 1000) / 1e9
+    encoder_ms = times["encoder_median_ms"]
+    gflops = first["encoder_flops"] / (encoder_ms / 1000) / 1e9
     floor_ms = first["encoder_flops"] / (peaks[dtype] * 1e9) * 1000
     spec = {key: first[key] for key in ("attention", "precision", "fast", "adapter", "compile")}
+    compile_ms = None if first["compile_seconds"] is None else first["compile_seconds"] * 1000
     return {
         "row": first["row"],
         **spec,
         "batch_size": args.batch_size,
         "prompts": args.prompts,
         "rounds": len(rounds),
-        "encoder": encoder,
-        "decoder": _stats(times["decoder"]),
-        "decoder_per_prompt_ms": _stats(times["decoder"])["median_ms"] / (args.batch_size * args.prompts),
-        "end_to_end": end_to_end,
-        "images_per_s": args.batch_size / (end_to_end["median_ms"] / 1000),
+        "timed_calls": len(seconds["encoder"]),
+        **times,
+        "decoder_per_prompt_median_ms": times["decoder_median_ms"] / (args.batch_size * args.prompts),
+        "decoder_per_prompt_p90_ms": times["decoder_p90_ms"] / (args.batch_size * args.prompts),
+        "images_per_s": args.batch_size / (times["end_to_end_median_ms"] / 1000),
         "peak_memory_mib": max(r["peak_memory_mib"] for r in rounds),
-        "peak_memory_kind": first["peak_memory_kind"],
-        "compile_s": first["compile_s"],
+        "peak_memory_kind": common.memory_kind(args.device),
+        "compile_ms": compile_ms,
         "encoder_gflop": first["encoder_flops"] / 1e9,
         "achieved_gflops": gflops,
         "matmul_peak_gflops": peaks[dtype],
         "percent_of_peak": 100 * gflops / peaks[dtype],
         "flop_floor_ms": floor_ms,
-        "times_floor": encoder["median_ms"] / floor_ms,
+        "times_floor": encoder_ms / floor_ms,
     }
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
 
 
 def table(rows: list[dict]) -> str:
@@ -271,52 +234,52 @@ def table(rows: list[dict]) -> str:
         if "error" in r:
             lines.append(f"| {r['row']} | {r['error']} | | | | | | | | |")
             continue
-        ratio = baseline["end_to_end"]["median_ms"] / r["end_to_end"]["median_ms"]
-        encoder_ratio = baseline["encoder"]["median_ms"] / r["encoder"]["median_ms"]
+        ratio = baseline["end_to_end_median_ms"] / r["end_to_end_median_ms"]
+        encoder_ratio = baseline["encoder_median_ms"] / r["encoder_median_ms"]
         lines.append(
-            f"| {r['row']} | {r['encoder']['median_ms']:.1f} ({r['encoder']['p90_ms']:.1f}) | {encoder_ratio:.2f}x | "
-            f"{r['times_floor']:.2f} | {r['decoder_per_prompt_ms']:.2f} | {r['end_to_end']['median_ms']:.1f} | "
+            f"| {r['row']} | {r['encoder_median_ms']:.1f} ({r['encoder_p90_ms']:.1f}) | {encoder_ratio:.2f}x | "
+            f"{r['times_floor']:.2f} | {r['decoder_per_prompt_median_ms']:.2f} | {r['end_to_end_median_ms']:.1f} | "
             f"{ratio:.2f}x | {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} | {r['achieved_gflops']:.0f} "
             f"({r['percent_of_peak']:.0f}%) |"
         )
     return "\n".join(lines)
 
 
+QUICK = {"preset": "tiny", "model": None, "repeats": 3, "warmup": 1}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__file__, __doc__, quick="the tiny preset, 3 timed calls after 1 warm-up per part")
     parser.add_argument("--preset", default="vit-b", choices=PRESETS)
     parser.add_argument("--model", help="a SamModel folder or hub id instead of a preset")
-    parser.add_argument("--rows", nargs="+")
+    parser.add_argument(
+        "--rows", nargs="+", help=f"default on a GPU: {' '.join(GPU_ROWS)}; on a CPU: {' '.join(CPU_ROWS)}"
+    )
     parser.add_argument("--image-size", type=int, help="input size of the preset (default: its own, 1024)")
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=1, help="box prompts per image")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per part, row and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before them")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="measure every row this many times, in turn (medians over all rounds)"
+        "--rounds", type=int, default=1, help="measure every row this many times, in turn (statistics pool all rounds)"
     )
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 repeats")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.preset, args.model, args.repeats, args.warmup = "tiny", None, 2, 1
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    args = common.parse(parser, argv, quick=QUICK)
+    device = args.device
     rows_wanted = list(dict.fromkeys(args.rows or (GPU_ROWS if device.type == "cuda" else CPU_ROWS)))  # once each
-    timer, peaks = Timer(device), {}
+    timer, peaks = common.Timer(device), {}
     measured: dict[str, list[dict]] = {row: [] for row in rows_wanted}
     errors: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.model or str(save_random_preset(args.preset, Path(tmp) / args.preset, image_size=args.image_size))
+        if args.model:
+            folder = args.model
+        else:
+            folder = str(save_random_sam(preset_config(args.preset, args.image_size), Path(tmp) / args.preset))
         for _ in range(args.rounds):  # every row once per round: slow drift of the machine hits all rows alike
             for row in rows_wanted:
                 if row in errors:
                     continue
                 try:
-                    measured[row].append(measure(folder, row, args, device, timer, peaks))
+                    measured[row].append(measure(folder, row, args, timer, peaks))
                 except (RuntimeError, ValueError) as error:
                     errors[row] = f"{type(error).__name__}: {str(error)[:160]}"
     rows = [
@@ -325,13 +288,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ]
     weights = args.model or f"{args.preset} architecture, random weights"
     print(
-        f"{weights}; {describe(device)}; batch {args.batch_size}, {args.prompts} box prompt(s) per image; "
-        f"median of {args.rounds} x {args.repeats} after {args.warmup} warm-up per round; torch {torch.__version__}"
+        f"{weights}; {common.describe(device)}; batch {args.batch_size}, {args.prompts} box prompt(s) per image; "
+        f"median (p90) of {args.rounds} x {args.repeats} after {args.warmup} warm-up per round; "
+        f"torch {torch.__version__}"
     )
     print(table(rows))
-    if args.json:
-        meta = {"model": weights, "device": describe(device), "torch": torch.__version__, "pid": os.getpid()}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    common.report(
+        args,
+        rows,
+        model=weights,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        prompts=args.prompts,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        rounds=args.rounds,
+    )
     return rows
 
 

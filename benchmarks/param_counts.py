@@ -1,26 +1,23 @@
 """Trainable-parameter counts of every method and target preset, for SAM ViT-B/L/H- and SlimSAM-sized models.
 
-    python benchmarks/param_counts.py [--presets vit-b slimsam-77] [--json out.json]
+    python benchmarks/param_counts.py [--presets vit-b slimsam-77] [--rank 8] [--json out.json]
+    python benchmarks/param_counts.py --quick --json out.json     # SAM ViT-B only: what the tests run
 
-Counts depend on the architecture only, so models are built on the meta device (no weights, no download).
-qlora / qdora train exactly the adapters lora / dora train; their base is stored in 4 bits.
+Counts depend on the architecture only, so models are built on the meta device (no weights, no download, no
+time measured): --device takes cpu only, --threads is recorded. qlora / qdora train exactly the adapters lora /
+dora train; their base is stored in 4 bits. The JSON report is every benchmark's (benchmarks/common.py): one
+row per (model, method, targets).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from pathlib import Path
+import common
+import torch
+from transformers import SamModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-import torch  # noqa: E402
-from transformers import SamModel  # noqa: E402
-
-from samtune.config import PeftConfig  # noqa: E402
-from samtune.modeling import TARGET_PRESETS, apply_method, parameter_report  # noqa: E402
-from samtune.presets import ARCHITECTURES, preset_config  # noqa: E402
+from samtune.config import PeftConfig
+from samtune.models.architectures import PRESETS, preset_config
+from samtune.models.methods import TARGET_PRESETS, apply_method, parameter_report
 
 
 def count(name: str, method: str, targets: str, rank: int) -> dict:
@@ -33,6 +30,7 @@ def count(name: str, method: str, targets: str, rank: int) -> dict:
         "architecture": name,
         "method": method,
         "targets": targets if method in ("lora", "dora") else "-",
+        "rank": rank if method in ("lora", "dora") else None,
         "trainable": report["all"]["trainable"],
         "base_total": base_total,
         "percent": 100.0 * report["all"]["trainable"] / base_total,
@@ -41,12 +39,19 @@ def count(name: str, method: str, targets: str, rank: int) -> dict:
     }
 
 
+QUICK = {"presets": ["vit-b"]}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["vit-b", "slimsam-77"], choices=list(ARCHITECTURES))
+    parser = common.parser(
+        __file__,
+        __doc__,
+        quick="SAM ViT-B only",
+        cpu_only="parameters are counted on the meta device, nothing is computed",
+    )
+    parser.add_argument("--presets", nargs="+", default=["vit-b", "slimsam-77"], choices=PRESETS)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
+    args = common.parse(parser, argv, quick=QUICK)
     rows = []
     for name in args.presets:
         for method in ("full", "decoder"):
@@ -62,8 +67,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"| {r['architecture']} | {r['method']} | {r['targets']} | {r['trainable']:,} | {r['percent']:.3f} "
             f"| {r['encoder']:,} | {r['decoder']:,} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    common.report(args, rows, rank=args.rank)
     return rows
 
 

@@ -1,46 +1,44 @@
 """Training-step throughput and peak memory per method, on a preset architecture with random weights.
 
-    python benchmarks/train_throughput.py --preset vit-b --methods full decoder lora dora qlora qdora \
-        [--batch-size 2] [--instances 8] [--precision fp32 bf16] [--encoder plain fast] [--steps 10] \
-        [--threads N] [--json out.json]
-    python benchmarks/train_throughput.py --quick      # tiny model, a few steps: what the tests run
+    python benchmarks/train_throughput.py --preset vit-b --methods full decoder lora dora qlora qdora \\
+        [--batch-size 2] [--instances 8] [--precision fp32 bf16] [--encoder plain fast] [--steps 10] \\
+        [--warmup 2] [--threads N] [--device cuda] [--json out.json]
+    python benchmarks/train_throughput.py --quick --json out.json  # tiny model, 3 steps: what the tests run
 
 Each step is the training loop's own: the model from ``build_model`` (so qlora / qdora load a 4-bit base),
 the loss from ``batch_loss``, backward, AdamW. Inputs are random tensors of the model's input size with
 valid box prompts, so data loading is not measured (see data_loading.py). --encoder plain is transformers'
 SamModel, fast is samtune's fast image encoder (model.fast_encoder), on the same weights in the same run; "vs
-plain" is the plain row's step time over this row's, for the same method and precision. Timing: CUDA events
-around the timed steps after warm-up on a GPU; on a CPU a monotonic clock, stating the thread count.
-Peak memory: the CUDA allocator's peak, or on a CPU the process's peak resident size during the row's timed
-steps (reset per row, see cpu_memory.py).
+plain" is the plain row's step time over this row's, for the same method and precision. Timing, statistics,
+memory and the JSON report are every benchmark's (benchmarks/common.py): each of --steps steps timed on its own
+(CUDA events on a GPU, a monotonic clock on a CPU) after --warmup steps; step_median_ms and step_p90_ms;
+images/s from the median. Peak memory in MiB: the CUDA allocator's peak, or on a CPU the process's peak
+resident size during the row's timed steps (reset per row).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import common
+import torch
 
-import torch  # noqa: E402
-
-from benchmarks import cpu_memory  # noqa: E402
-from samtune.config import ModelConfig, PeftConfig  # noqa: E402
-from samtune.evaluation import sam_forward  # noqa: E402
-from samtune.losses import InstanceLoss, batch_loss  # noqa: E402
-from samtune.modeling import build_model  # noqa: E402
-from samtune.presets import PRESETS, save_random_preset  # noqa: E402
+from samtune.config import ModelConfig, PeftConfig
+from samtune.data.batch import SamBatch
+from samtune.evaluation import sam_forward
+from samtune.losses import InstanceLoss, batch_loss
+from samtune.models.architectures import PRESETS, preset_config, save_random_sam
+from samtune.models.loading import build_model
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+METHODS = ["full", "decoder", "lora", "dora", "qlora", "qdora"]
 
 
-def random_batch(config, batch_size: int, instances: int, device: torch.device, seed: int = 0) -> dict:
+def random_batch(config, batch_size: int, instances: int, device: torch.device, seed: int = 0) -> SamBatch:
+    """A training batch of random images and masks with valid box prompts, at the model's input size."""
     generator = torch.Generator().manual_seed(seed)
     side = config.vision_config.image_size
     mask = 4 * (side // config.vision_config.patch_size)
@@ -49,14 +47,15 @@ def random_batch(config, batch_size: int, instances: int, device: torch.device, 
     batch = {
         "pixel_values": torch.randn(batch_size, 3, side, side, generator=generator),
         "input_boxes": boxes,
-        "labels": torch.rand(batch_size, instances, mask, mask, generator=generator) > 0.7,
-        "ignore": torch.zeros(batch_size, mask, mask, dtype=torch.bool),
+        "low_res_masks": torch.rand(batch_size, instances, mask, mask, generator=generator) > 0.7,
+        "low_res_ignore": torch.zeros(batch_size, mask, mask, dtype=torch.bool),
         "valid": torch.ones(batch_size, instances, dtype=torch.bool),
     }
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}  # type: ignore[return-value]
 
 
-def measure(folder: Path, method: str, precision: str, encoder: str, args, device: torch.device) -> dict:
+def measure(folder: Path, method: str, precision: str, encoder: str, args) -> dict:
+    device = args.device
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("fp16 autocast is for GPUs")
     model, _ = build_model(
@@ -83,27 +82,12 @@ def measure(folder: Path, method: str, precision: str, encoder: str, args, devic
 
     for _ in range(args.warmup):
         step()
-    if device.type == "cpu":
-        cpu_memory.reset_peak()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(args.steps):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        seconds = start.elapsed_time(end) / 1000
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        begin = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        seconds = time.perf_counter() - begin
-        peak = cpu_memory.peak_mib()
+    common.reset_peak_memory(device)
+    seconds = common.time_calls(step, repeats=args.steps, warmup=0, timer=common.Timer(device))
+    peak = common.peak_memory_mib(device)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    times = common.timing("step", seconds)
     return {
         "preset": args.preset,
         "method": method,
@@ -112,52 +96,42 @@ def measure(folder: Path, method: str, precision: str, encoder: str, args, devic
         "batch_size": args.batch_size,
         "instances": args.instances,
         "steps": args.steps,
-        "seconds_per_step": seconds / args.steps,
-        "images_per_s": args.batch_size * args.steps / seconds,
+        **times,
+        "images_per_s": args.batch_size / (times["step_median_ms"] / 1000),
         "peak_memory_mib": peak,
-        "peak_memory_kind": "cuda allocator" if device.type == "cuda" else "process RSS during the timed steps",
+        "peak_memory_kind": common.memory_kind(device),
         "trainable": sum(p.numel() for p in params),
-        "device": describe(device),
     }
 
 
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu, {torch.get_num_threads()} threads"
+QUICK = {"preset": "tiny", "methods": ["decoder", "lora", "qdora"], "steps": 3, "warmup": 1, "instances": 3}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(
+        __file__, __doc__, quick="the tiny preset, methods decoder lora qdora, 3 timed steps after 1 warm-up"
+    )
     parser.add_argument("--preset", default="vit-b", choices=PRESETS)
-    parser.add_argument("--methods", nargs="+", default=["full", "decoder", "lora", "dora", "qlora", "qdora"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=list(DTYPES))
     parser.add_argument("--encoder", nargs="+", default=["plain", "fast"], choices=["plain", "fast"])
     parser.add_argument("--image-size", type=int, help="input size of the preset (default: its own, 1024)")
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--instances", type=int, default=8, help="box prompts (instances) per image")
     parser.add_argument("--targets", default="peft-sam")
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke run")
-    parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.preset, args.steps, args.warmup, args.batch_size, args.instances = "tiny", 2, 1, 2, 3
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
+    args = common.parse(parser, argv, quick=QUICK)
+    device = args.device
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = save_random_preset(args.preset, Path(tmp) / args.preset, image_size=args.image_size)
+        folder = save_random_sam(preset_config(args.preset, args.image_size), Path(tmp) / args.preset)
         for method in args.methods:
             for precision in args.precision:
                 for encoder in args.encoder:
                     try:
-                        rows.append(measure(folder, method, precision, encoder, args, device))
+                        rows.append(measure(folder, method, precision, encoder, args))
                     except (RuntimeError, ValueError, ImportError) as error:  # e.g. out of memory: say so, go on
                         rows.append(
                             {
@@ -171,10 +145,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         if device.type == "cuda":
                             torch.cuda.empty_cache()
     print(
-        f"{args.preset}, batch {args.batch_size} x {args.instances} instances, {rows[0].get('device', '')}, "
-        f"{args.steps} timed steps after {args.warmup} warm-up"
+        f"{args.preset}, batch {args.batch_size} x {args.instances} instances, {common.describe(device)}, "
+        f"median (p90) of {args.steps} timed steps after {args.warmup} warm-up"
     )
-    print("| method | precision | encoder | s / step | vs plain | images/s | peak MiB | trainable |")
+    print("| method | precision | encoder | ms / step (p90) | vs plain | images/s | peak MiB | trainable |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     plain = {(r["method"], r["precision"]): r for r in rows if r["encoder"] == "plain" and "error" not in r}
     for r in rows:
@@ -182,14 +156,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"| {r['method']} | {r['precision']} | {r['encoder']} | {r['error']} | | | | |")
             continue
         base = plain.get((r["method"], r["precision"]))
-        ratio = f"{base['seconds_per_step'] / r['seconds_per_step']:.2f}x" if base else ""
+        ratio = f"{base['step_median_ms'] / r['step_median_ms']:.2f}x" if base else ""
         print(
-            f"| {r['method']} | {r['precision']} | {r['encoder']} | {r['seconds_per_step']:.3f} | {ratio} "
-            f"| {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} | {r['trainable']:,} |"
+            f"| {r['method']} | {r['precision']} | {r['encoder']} | {r['step_median_ms']:.1f} "
+            f"({r['step_p90_ms']:.1f}) | {ratio} | {r['images_per_s']:.2f} | {r['peak_memory_mib']:.0f} "
+            f"| {r['trainable']:,} |"
         )
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
     assert all(math.isfinite(r.get("images_per_s", 1.0)) for r in rows)
+    common.report(
+        args,
+        rows,
+        model=f"{args.preset} architecture, random weights",
+        image_size=args.image_size,
+        targets=args.targets,
+        rank=args.rank,
+        steps=args.steps,
+        warmup=args.warmup,
+    )
     return rows
 
 

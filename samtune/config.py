@@ -1,6 +1,7 @@
-"""Every knob in one place: dataclasses, filled from defaults, then a YAML file, then ``--section.key value``.
+"""Every knob in one place: dataclasses, filled from defaults, then YAML files, then ``--section.key value``.
 
-Unknown keys and values of the wrong type are errors, never warnings.
+Unknown keys, values of the wrong type and choices outside a knob's ``Literal`` are errors when the config is
+read, never warnings; ``validate`` then checks the rules that tie knobs together.
 """
 
 from __future__ import annotations
@@ -10,8 +11,15 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import yaml
+
+Method = Literal["lora", "dora", "qlora", "qdora", "full", "decoder", "none"]
+ADAPTER_METHODS = ("lora", "dora", "qlora", "qdora")
+QUANTISED_METHODS = ("qlora", "qdora")  # adapters on a 4-bit (NF4) base
+PromptMode = Literal["box", "point", "box+point", "mixed", "none"]
+MIXED_KINDS = ("box", "point", "box+point")  # what a "mixed" training step draws from
 
 
 def knob(default, help: str):  # noqa: A002 - "help" reads best at the call sites
@@ -26,8 +34,8 @@ class ModelConfig:
     name_or_path: str = knob(
         "", "hub id, local SamModel folder, or original segment-anything .pth; empty: the built-in demo model"
     )
-    attn_implementation: str = knob("sdpa", "attention kernel: sdpa or eager")
-    dtype: str = knob("float32", "dtype the weights load in: float32, bfloat16, float16 or auto")
+    attn_implementation: Literal["sdpa", "eager"] = knob("sdpa", "attention kernel")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = knob("float32", "dtype the weights load in")
     gradient_checkpointing: bool = knob(False, "recompute image-encoder activations in backward to save memory")
     fast_encoder: bool = knob(
         True,
@@ -41,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = knob(
+    method: Method = knob(
         "dora",
         "what trains: lora, dora, qlora, qdora (adapters on a 4-bit base), full (every weight), "
         "decoder (the mask decoder only), none (zero-shot)",
@@ -57,7 +65,6 @@ class PeftConfig:
     train_modules: list[str] = knob(
         [], "modules trained fully beside adapters (comma-separated names, or the preset decoder-heads)"
     )
-    bits: int = knob(4, "base precision for qlora / qdora (4; 8-bit bases are refused, see the README)")
 
 
 @dataclass
@@ -68,7 +75,7 @@ class DataConfig:
     val_images: str = knob("", "image folder of the validation split")
     test_annotations: str = knob("", "COCO JSON of a held-out test split, scored zero-shot and with the best weights")
     test_images: str = knob("", "image folder of the test split")
-    prompt: str = knob(
+    prompt: PromptMode = knob(
         "box",
         "prompt per instance: box, point, box+point, mixed (each training step draws box, point or both; "
         "evaluation uses boxes), or none (target = union of instances)",
@@ -96,15 +103,17 @@ class TrainConfig:
     grad_accum: int = knob(1, "batches accumulated per optimizer step")
     lr: float = knob(1e-4, "peak learning rate")
     weight_decay: float = knob(0.01, "AdamW weight decay")
-    optimizer: str = knob("adamw", "adamw, or adamw8bit (bitsandbytes, GPU only)")
-    scheduler: str = knob("cosine", "learning-rate schedule: cosine, linear or constant (after warm-up)")
+    optimizer: Literal["adamw", "adamw8bit"] = knob("adamw", "adamw8bit: bitsandbytes' 8-bit states, GPU only")
+    scheduler: Literal["cosine", "linear", "constant"] = knob("cosine", "learning-rate schedule after warm-up")
     warmup_ratio: float = knob(0.05, "fraction of the steps spent warming the learning rate up from 0")
     max_grad_norm: float = knob(1.0, "gradient clipping norm; 0: no clipping")
     dice_weight: float = knob(1.0, "weight of the Dice loss")
     focal_weight: float = knob(20.0, "weight of the focal loss (SAM's own ratio is 20 : 1 focal : Dice)")
     iou_weight: float = knob(1.0, "weight of the MSE between predicted and true IoU")
     seed: int = knob(0, "seed for weights of new layers, data order, instance subsets and prompts")
-    mixed_precision: str = knob("", "no, fp16 or bf16; empty: what accelerate launch was given (default no)")
+    mixed_precision: Literal["", "no", "fp16", "bf16"] = knob(
+        "", "autocast precision; empty: what accelerate launch was given (default no)"
+    )
     log_every: int = knob(10, "optimizer steps between training-loss log points")
     eval_every: int = knob(0, "optimizer steps between validations; 0: only before and after training")
     save_every: int = knob(0, "optimizer steps between resumable checkpoints; 0: only when stopped early")
@@ -126,7 +135,7 @@ class Config:
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the schema."""
+    """A config file or override that does not fit the schema, or knobs that contradict each other."""
 
 
 def _leaf_fields(config: object, prefix: str = ""):
@@ -139,44 +148,57 @@ def _leaf_fields(config: object, prefix: str = ""):
             yield f"{prefix}{f.name}", config, f
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _to_bool(value: object) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    return None
+
+
+def _to_number(value: object, kind: type) -> int | float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) or (kind is float and isinstance(value, float)):
+        return kind(value)
+    if isinstance(value, str):
+        try:
+            return kind(value)
+        except ValueError:
+            return None
+    return None
+
+
+_EXPECTED = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _convert(key: str, value: object, target: type) -> object:
     """Check or convert one value to the field's type; strings from the command line are parsed."""
-    if target is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if target is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if target is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if target is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if typing.get_origin(target) is list:
-        item = typing.get_args(target)[0]
+    if get_origin(target) is Literal:
+        choices = get_args(target)
+        if value not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if get_origin(target) is list:
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_convert(key, v, item) for v in value]
-    raise ConfigError(f"{key}: unsupported type {target}")
+        return [_convert(key, v, get_args(target)[0]) for v in value]
+    if target is bool:
+        converted = _to_bool(value)
+    elif target in (int, float):
+        converted = _to_number(value, target)
+    elif target is str:
+        converted = value if isinstance(value, str) else None
+    else:
+        raise ConfigError(f"{key}: unsupported type {target}")
+    if converted is None:
+        raise ConfigError(f"{key}: expected {_EXPECTED[target]}, got {value!r}")
+    return converted
 
 
 def _field_types(config: object) -> dict[str, type]:
@@ -201,80 +223,120 @@ def _flatten(data: object, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def load_config(
-    path: str | Path | None = None, overrides: dict[str, object] | None = None, base: dict[str, object] | None = None
-) -> Config:
-    """Defaults, then ``base`` (dotted keys, e.g. the demo's settings), then the YAML file at ``path``, then
-    ``overrides`` (dotted keys)."""
-    config = Config()
-    for key, value in (base or {}).items():
-        set_value(config, key, value)
-    if path:
+def _apply_file(config: Config, path: str | Path) -> None:
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read config: {error}") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must be a mapping of sections")
+    for key, value in _flatten(data).items():
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"{path}: cannot read config: {error}") from error
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file must be a mapping of sections")
-        for key, value in _flatten(data).items():
-            try:
-                set_value(config, key, value)
-            except ConfigError as error:
-                raise ConfigError(f"{path}: {error}") from error
+            set_value(config, key, value)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}") from error
+
+
+def load_config(*files: str | Path | None, overrides: dict[str, object] | None = None) -> Config:
+    """Defaults, then each YAML file in turn (later files win; None is skipped), then ``overrides`` (dotted
+    keys); validated as a whole."""
+    config = Config()
+    for path in files:
+        if path:
+            _apply_file(config, path)
     for key, value in (overrides or {}).items():
         set_value(config, key, value)
+    validate(config)
     return config
+
+
+def _pairs_given_together(data: DataConfig) -> None:
+    for split in ("train", "val", "test"):  # an empty annotation file turns a split off, whatever its images say
+        if getattr(data, f"{split}_annotations") and not getattr(data, f"{split}_images"):
+            raise ConfigError(f"data.{split}_annotations is given without data.{split}_images (the image folder)")
+    if (data.val_annotations or data.test_annotations) and not data.train_annotations:
+        raise ConfigError("data.val_* / data.test_* are given without data.train_annotations")
+
+
+# (key, rule that must hold, what the rule is) for single knobs whose type alone does not say enough.
+_RANGES = [
+    ("peft.rank", lambda c: c.peft.rank >= 1, "at least 1"),
+    ("peft.alpha", lambda c: c.peft.alpha > 0, "positive"),
+    ("peft.dropout", lambda c: 0 <= c.peft.dropout < 1, "in [0, 1)"),
+    ("data.max_instances", lambda c: c.data.max_instances >= 1, "at least 1"),
+    ("data.box_jitter", lambda c: 0 <= c.data.box_jitter < 1, "in [0, 1)"),
+    ("data.num_points", lambda c: c.data.num_points >= 1, "at least 1"),
+    ("data.num_negative_points", lambda c: c.data.num_negative_points >= 0, "at least 0"),
+    ("data.num_workers", lambda c: c.data.num_workers >= 0, "at least 0"),
+    ("train.epochs", lambda c: c.train.epochs >= 1 or c.train.max_steps > 0, "at least 1 (or set train.max_steps)"),
+    ("train.max_steps", lambda c: c.train.max_steps >= 0, "at least 0"),
+    ("train.batch_size", lambda c: c.train.batch_size >= 1, "at least 1"),
+    ("train.grad_accum", lambda c: c.train.grad_accum >= 1, "at least 1"),
+    ("train.lr", lambda c: c.train.lr >= 0, "at least 0"),
+    ("train.warmup_ratio", lambda c: 0 <= c.train.warmup_ratio < 1, "in [0, 1)"),
+    ("train.max_grad_norm", lambda c: c.train.max_grad_norm >= 0, "at least 0 (0: no clipping)"),
+    ("train.log_every", lambda c: c.train.log_every >= 1, "at least 1"),
+    ("train.eval_every", lambda c: c.train.eval_every >= 0, "at least 0"),
+    ("train.save_every", lambda c: c.train.save_every >= 0, "at least 0"),
+    ("train.keep_checkpoints", lambda c: c.train.keep_checkpoints >= 0, "at least 0 (0: keep all)"),
+    ("train.max_nonfinite", lambda c: c.train.max_nonfinite >= 1, "at least 1"),
+    ("train.log_images", lambda c: c.train.log_images >= 0, "at least 0"),
+]
+
+
+def validate(config: Config) -> None:
+    """The rules that tie knobs together, and ranges their types cannot state; the first broken one is raised."""
+    for key, holds, rule in _RANGES:
+        if not holds(config):
+            section, name = key.split(".")
+            raise ConfigError(f"{key} must be {rule}, got {getattr(getattr(config, section), name)!r}")
+    _pairs_given_together(config.data)
+    if config.train.early_stopping and config.data.train_annotations and not config.data.val_annotations:
+        raise ConfigError("train.early_stopping needs a validation split (data.val_annotations)")
 
 
 def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def flat_values(config: Config) -> dict[str, int | float | str | bool]:
+    """Every knob as ``section.key``: value, lists joined by commas (what TensorBoard's hyper-parameters take)."""
+    return {key: ",".join(map(str, v)) if isinstance(v := getattr(owner, f.name), list) else v
+            for key, owner, f in _leaf_fields(config)}  # fmt: skip
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
 
 
-def _type_name(target: type) -> str:
-    return getattr(target, "__name__", str(target))
+def _metavar(target: type) -> str:
+    if get_origin(target) is Literal:
+        return "{" + ",".join(get_args(target)) + "}"
+    if get_origin(target) is list:
+        return "A,B,..."
+    return getattr(target, "__name__", str(target)).upper()
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    """``--config FILE`` plus one ``--section.key`` option per knob, documented with its default."""
+    """``--config FILE`` plus one ``--section.key`` option per knob, documented with its choices and default."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument("--config", help="YAML file with sections model, data, train (command-line keys win)")
+    parser.add_argument("--config", help="YAML file with sections model, peft, data, train (command-line keys win)")
     defaults = Config()
     for key, owner, f in _leaf_fields(defaults):
-        kind = _field_types(owner)[f.name]
-        default = getattr(owner, f.name)
         parser.add_argument(
             f"--{key}",
             dest=key,
             default=argparse.SUPPRESS,
-            metavar=_type_name(kind).upper(),
-            help=f"{f.metadata.get('help', '')} (default: {default!r})",
+            metavar=_metavar(_field_types(owner)[f.name]),
+            help=f"{f.metadata.get('help', '')} (default: {getattr(owner, f.name)!r})",
         )
     return parser
 
 
-def parse_args(argv: list[str] | None = None, description: str = "", base: dict[str, object] | None = None) -> Config:
+def parse_args(argv: list[str] | None = None, description: str = "", defaults_file: str | Path | None = None) -> Config:
+    """The command line's config: ``defaults_file`` (e.g. the demo's settings), then ``--config``, then keys."""
     args = vars(build_parser(description).parse_args(argv))
     path = args.pop("config", None)
-    return load_config(path, args, base)
-
-
-__all__ = [
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "PeftConfig",
-    "TrainConfig",
-    "build_parser",
-    "load_config",
-    "parse_args",
-    "save_config",
-    "set_value",
-    "to_dict",
-]
+    return load_config(defaults_file, path, overrides=args)

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from samtune.data.dataset import Split
+
 logger = logging.getLogger(__name__)
 
 
@@ -66,15 +68,15 @@ class EmbeddingCache:
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.memory: dict[str, torch.Tensor] = {}
-        self.paths: dict[int, dict[int, Path]] = {}  # per split: image id -> file
+        self.paths: dict[Split, dict[int, Path]] = {}  # per split: image id -> file
         self.digests: dict[Path, str] = {}
         self.hits = self.misses = 0
 
-    def register(self, split: int, paths: dict[int, Path]) -> None:
+    def register(self, split: Split, paths: dict[int, Path]) -> None:
         """Image files of one split (image ids are only unique within a split)."""
         self.paths[split] = paths
 
-    def _key(self, split: int, image_id: int) -> str:
+    def _key(self, split: Split, image_id: int) -> str:
         path = self.paths[split][image_id]
         if path not in self.digests:  # read each file once per run; an edited file gets a new key
             self.digests[path] = file_digest(path)
@@ -95,7 +97,7 @@ class EmbeddingCache:
         os.replace(scratch, self.folder / f"{key}.safetensors")  # atomic: readers never see half a file
 
     @torch.no_grad()
-    def embeddings(self, split: int, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode) -> torch.Tensor:
+    def embeddings(self, split: Split, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode) -> torch.Tensor:
         """(B, C, h, w) embeddings for a batch; ``encode(pixel_values)`` runs only for the images not cached."""
         keys = [self._key(split, int(i)) for i in image_ids]
         found = [self._load(key) for key in keys]

@@ -14,25 +14,23 @@ clock on a CPU), the first batch excluded as warm-up.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import copy
-import io
 import json
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from samtune import inference
-from samtune.coco import SKIP_REASONS
-from samtune.data import CocoInstanceDataset, SamPromptDataset, make_loader
-from samtune.evaluation import PROMPT_KEYS, aggregate, score_batch, uses_multimask
-from samtune.fast_encoder import uses_fast_encoder
-from samtune.modeling import load_trained
-from samtune.prompts import PROMPT_MODES, PromptConfig
+from samtune.config import DataConfig, PromptMode
+from samtune.data.batch import to_device
+from samtune.data.coco import SKIP_REASONS, CocoInstanceDataset
+from samtune.data.dataset import SamPromptDataset, make_loader
+from samtune.evaluation import aggregate, coco_metrics, detections, sam_forward, score_loader
+from samtune.models.fast_encoder import uses_fast_encoder
+from samtune.models.loading import load_trained
 
 
 class _Clock:
@@ -55,11 +53,31 @@ class _Clock:
         return end - start
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device) if isinstance(v, torch.Tensor) and k not in ("masks", "ignore_full") else v
-        for k, v in batch.items()
-    }
+class _TimedForward:
+    """The shared forward (``samtune.evaluation.sam_forward``) with the image encoder and the decoder timed apart,
+    per image; the first ``warmup`` batches warm up kernels and caches and are not timed."""
+
+    def __init__(self, model, device: torch.device, autocast, warmup: int) -> None:
+        self.model, self.device, self.autocast, self.warmup = model, device, autocast, warmup
+        self.clock = _Clock(device)
+        self.encoder_ms: list[float] = []
+        self.decoder_ms: list[float] = []
+
+    def __call__(self, batch):
+        batch = to_device(batch, self.device)
+        with self.autocast:
+            start = self.clock.mark()
+            embeddings = self.model.get_image_embeddings(batch["pixel_values"])
+            middle = self.clock.mark()
+            outputs = sam_forward(self.model, batch, image_embeddings=embeddings)
+            end = self.clock.mark()
+        if self.warmup:
+            self.warmup -= 1
+        else:
+            images = batch["pixel_values"].shape[0]
+            self.encoder_ms.append(1000 * self.clock.seconds(start, middle) / images)
+            self.decoder_ms.append(1000 * self.clock.seconds(middle, end) / images)
+        return outputs
 
 
 @torch.no_grad()
@@ -80,23 +98,9 @@ def evaluate_split(
     autocast = inference.autocast(device, precision)
     device = torch.device(device)
     model.to(device).eval()
-    clock = _Clock(device)
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    records, encoder_ms, decoder_ms = [], [], []
-    for index, batch in enumerate(tqdm(loader, desc="evaluate", leave=False)):
-        batch = _to(batch, device)
-        images = batch["pixel_values"].shape[0]
-        prompts = {key: batch[key] for key in PROMPT_KEYS if key in batch}
-        with autocast:
-            start = clock.mark()
-            embeddings = model.get_image_embeddings(batch["pixel_values"])
-            middle = clock.mark()
-            outputs = model(image_embeddings=embeddings, multimask_output=uses_multimask(batch), **prompts)
-            end = clock.mark()
-        if index > 0 or len(loader) == 1:  # the first batch warms up kernels and caches
-            encoder_ms.append(1000 * clock.seconds(start, middle) / images)
-            decoder_ms.append(1000 * clock.seconds(middle, end) / images)
-        records += score_batch(outputs, batch, processor, with_rle=with_rle)
+    forward = _TimedForward(model, device, autocast, warmup=1 if len(loader) > 1 else 0)
+    records = score_loader(loader, forward, processor, with_rle=with_rle)
     metrics = aggregate(records, dataset.source.categories)
     metrics["latency"] = {
         "device": torch.cuda.get_device_name(device)
@@ -105,8 +109,8 @@ def evaluate_split(
         "batch_size": batch_size,
         "precision": precision,
         "fast_encoder": uses_fast_encoder(model),
-        "image_encoder_ms": _summary(encoder_ms),
-        "decoder_ms": _summary(decoder_ms),
+        "image_encoder_ms": _summary(forward.encoder_ms),
+        "decoder_ms": _summary(forward.decoder_ms),
     }
     return metrics, records
 
@@ -115,37 +119,6 @@ def _summary(values: list[float]) -> dict:
     if not values:
         return {"median": float("nan"), "p90": float("nan")}
     return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
-
-
-def detections(records: list[dict]) -> list[dict]:
-    """COCO results entries (RLE mask, predicted IoU as score) from scored records."""
-    return [
-        {
-            "image_id": r["image_id"],
-            "category_id": r["category_id"],
-            "segmentation": r["segmentation"],
-            "score": r["score"],
-        }
-        for r in records
-    ]
-
-
-def coco_metrics(annotation_file: str | Path, results: list[dict]) -> dict:
-    """pycocotools' COCOeval on segmentation masks: AP, AP50, AP75 (fractions)."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        truth = COCO(str(annotation_file))
-        if not results:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
-        predicted = truth.loadRes(copy.deepcopy(results))  # loadRes writes bbox / area / id into its input
-        evaluator = COCOeval(truth, predicted, iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    ap, ap50, ap75 = (float(v) for v in evaluator.stats[:3])
-    return {"AP": ap, "AP50": ap50, "AP75": ap75}
 
 
 def skipped_counts(source: CocoInstanceDataset) -> dict:
@@ -193,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--adapter", help="PEFT adapter folder trained on --model")
     parser.add_argument("--annotations", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path)
-    parser.add_argument("--prompt", default="box", choices=PROMPT_MODES)
+    parser.add_argument("--prompt", default="box", choices=get_args(PromptMode))
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--max-instances", type=int, default=64, help="prompts per decoder call (chunks)")
     parser.add_argument("--num-workers", type=int, default=0)
@@ -221,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
             fast_encoder=args.fast_encoder,
             compile=args.compile,
         )
-        dataset = SamPromptDataset(source, processor, PromptConfig(mode=args.prompt), args.max_instances, train=False)
+        data = DataConfig(prompt=args.prompt, max_instances=args.max_instances)
+        dataset = SamPromptDataset(source, processor, data, train=False)
         metrics, records = evaluate_split(
             model, processor, dataset, args.batch_size, args.device, args.num_workers, args.coco, args.precision
         )

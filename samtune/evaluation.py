@@ -1,28 +1,33 @@
-"""Scoring a model on a data loader: per-instance IoU / F1 at original resolution, aggregated once per instance."""
+"""How samtune scores a model, in one place: the forward pass, per-instance IoU / F1 at the original
+resolution, their aggregation, and COCO AP. Training-time validation, ``samtune.evaluate`` and
+``samtune.predict`` all go through these functions.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numpy as np
 import torch
 from pycocotools import mask as mask_utils
+from tqdm.auto import tqdm
 
-from samtune.metrics import instance_iou_f1
-
-PROMPT_KEYS = ("input_boxes", "input_points", "input_labels")
-
-
-def uses_multimask(batch: dict) -> bool:
-    """Point prompts alone are ambiguous: SAM then predicts three masks (whole, part, sub-part)."""
-    return "input_points" in batch and "input_boxes" not in batch
+from samtune.data.batch import SamBatch, prompts_of, uses_multimask
 
 
-def sam_forward(model, batch: dict, multimask_output: bool | None = None):
-    """One image-encoder pass per image, one decoder query per (padded) instance."""
-    inputs = {key: batch[key] for key in PROMPT_KEYS if key in batch}
+def sam_forward(model, batch: SamBatch, image_embeddings=None, multimask_output: bool | None = None):
+    """The model on a batch: one image-encoder pass per image (skipped when ``image_embeddings`` are given),
+    one decoder query per (padded) instance."""
     multimask = uses_multimask(batch) if multimask_output is None else multimask_output
-    return model(pixel_values=batch["pixel_values"], multimask_output=multimask, **inputs)
+    images = (
+        {"pixel_values": batch["pixel_values"]} if image_embeddings is None else {"image_embeddings": image_embeddings}
+    )
+    return model(**images, multimask_output=multimask, **prompts_of(batch))
 
 
 def predicted_masks(outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +46,25 @@ def encode_rle(mask: torch.Tensor) -> dict:
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
+def instance_iou_f1(
+    pred: torch.Tensor, target: torch.Tensor, ignore: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IoU and F1 (Dice) of K binary masks (K, H, W) against K targets; both empty counts as a perfect 1.
+    Crowd pixels (``ignore``) are not scored."""
+    pred, target = pred.bool(), target.bool()
+    if ignore is not None:
+        pred, target = pred & ~ignore.bool(), target & ~ignore.bool()
+    inter = (pred & target).flatten(1).sum(1).double()
+    pred_area, target_area = pred.flatten(1).sum(1).double(), target.flatten(1).sum(1).double()
+    union = pred_area + target_area - inter
+    empty = union == 0
+    iou = torch.where(empty, torch.ones_like(inter), inter / union.clamp(min=1))
+    f1 = torch.where(empty, torch.ones_like(inter), 2 * inter / (pred_area + target_area).clamp(min=1))
+    return iou, f1
+
+
 @torch.no_grad()
-def score_batch(outputs, batch: dict, processor, with_rle: bool = False) -> list[dict]:
+def score_batch(outputs, batch: SamBatch, processor, with_rle: bool = False) -> list[dict]:
     """Per-instance records for the valid instances of one evaluation batch.
 
     ``with_rle`` adds the predicted mask at original resolution as COCO RLE and the predicted IoU as score.
@@ -55,7 +77,9 @@ def score_batch(outputs, batch: dict, processor, with_rle: bool = False) -> list
     for row, predicted in enumerate(masks):
         valid = batch["valid"][row].cpu()
         count = int(valid.sum())
-        iou, f1 = instance_iou_f1(predicted[:count, 0], batch["masks"][row].cpu(), batch["ignore_full"][row].cpu())
+        iou, f1 = instance_iou_f1(
+            predicted[:count, 0], batch["original_masks"][row].cpu(), batch["original_ignore"][row].cpu()
+        )
         for k in range(count):
             record = {
                 "image_id": int(batch["image_id"][row]),
@@ -97,3 +121,54 @@ def aggregate(records: list[dict], categories: dict[int, str] | None = None) -> 
         "num_instances": len(unique),
         "num_images": len(per_image),
     }
+
+
+@torch.no_grad()
+def score_loader(
+    loader: Iterable[SamBatch],
+    forward: Callable[[SamBatch], object],
+    processor,
+    with_rle: bool = False,
+    on_batch: Callable[[SamBatch, object], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Per-instance records of ``forward`` over a loader (this process's share of it, under accelerate);
+    ``on_batch(batch, outputs)`` sees each batch, e.g. to draw overlays."""
+    records: list[dict] = []
+    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        outputs = forward(batch)
+        records += score_batch(outputs, batch, processor, with_rle=with_rle)
+        if on_batch is not None:
+            on_batch(batch, outputs)
+    return records
+
+
+def detections(records: list[dict]) -> list[dict]:
+    """COCO results entries (RLE mask, predicted IoU as score) from scored records."""
+    return [
+        {
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "segmentation": r["segmentation"],
+            "score": r["score"],
+        }
+        for r in records
+    ]
+
+
+def coco_metrics(annotation_file: str | Path, results: list[dict]) -> dict:
+    """pycocotools' COCOeval on segmentation masks: AP, AP50, AP75 (fractions)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        truth = COCO(str(annotation_file))
+        if not results:
+            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        predicted = truth.loadRes(copy.deepcopy(results))  # loadRes writes bbox / area / id into its input
+        evaluator = COCOeval(truth, predicted, iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    ap, ap50, ap75 = (float(v) for v in evaluator.stats[:3])
+    return {"AP": ap, "AP50": ap50, "AP75": ap75}

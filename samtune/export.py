@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from samtune.modeling import is_adapter_folder, load_sam, merge_adapter
+from samtune.models.loading import is_adapter_folder, load_sam, merge_adapter
 
 
 def _read_json(path: Path) -> dict | None:

@@ -6,6 +6,8 @@ import torch
 from monai.losses import FocalLoss, MaskedDiceLoss
 from torch import nn
 
+from samtune.data.batch import SamBatch
+
 
 class InstanceLoss(nn.Module):
     """Loss per instance (no reduction over instances), so callers can pick the best of several masks.
@@ -36,7 +38,7 @@ class InstanceLoss(nn.Module):
         return {"loss": total, "dice": dice, "focal": focal, "iou_mse": iou}
 
 
-def batch_loss(outputs, batch: dict, loss_fn: InstanceLoss) -> dict[str, torch.Tensor]:
+def batch_loss(outputs, batch: SamBatch, loss_fn: InstanceLoss) -> dict[str, torch.Tensor]:
     """Loss of a batch: per image, the mean over its valid instances; then the mean over images.
 
     Padded instances never reach the loss. Weighting images equally makes a batch of 4 the same step as
@@ -47,8 +49,8 @@ def batch_loss(outputs, batch: dict, loss_fn: InstanceLoss) -> dict[str, torch.T
     masks, scores = outputs.pred_masks, outputs.iou_scores  # (B, K, M, h, w), (B, K, M)
     count = masks.shape[2]
     logits = masks[valid]  # (N, M, h, w)
-    targets = batch["labels"][valid][:, None].expand_as(logits)
-    keep = (~batch["ignore"])[:, None].expand(-1, valid.shape[1], -1, -1)[valid][:, None].expand_as(logits)
+    targets = batch["low_res_masks"][valid][:, None].expand_as(logits)
+    keep = (~batch["low_res_ignore"])[:, None].expand(-1, valid.shape[1], -1, -1)[valid][:, None].expand_as(logits)
     losses = loss_fn(logits.flatten(0, 1), targets.flatten(0, 1), keep.flatten(0, 1), scores[valid].flatten())
     losses = {name: value.view(-1, count) for name, value in losses.items()}
     best = losses["loss"].argmin(dim=1, keepdim=True)

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from samtune import inference
+from samtune.data.images import read_rgb
 from samtune.evaluation import encode_rle
-from samtune.images import read_rgb
-from samtune.modeling import load_trained
+from samtune.models.loading import load_trained
 from samtune.visualize import paint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

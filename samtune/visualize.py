@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from samtune.data.batch import SamBatch
+
 PALETTE = np.array(
     [
         [230, 25, 75],
@@ -31,7 +33,7 @@ def paint(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return out.clip(0, 255).astype(np.uint8)
 
 
-def overlay_panel(batch: dict, row: int, logits: torch.Tensor, processor) -> np.ndarray:
+def overlay_panel(batch: SamBatch, row: int, logits: torch.Tensor, processor) -> np.ndarray:
     """(H, 2W + 4, 3) uint8 at the model's input scale: the image with its ground truth, then with the prediction."""
     height, width = (int(v) for v in batch["reshaped_input_sizes"][row])
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
@@ -39,7 +41,9 @@ def overlay_panel(batch: dict, row: int, logits: torch.Tensor, processor) -> np.
     pixels = batch["pixel_values"][row].float().cpu() * std + mean
     image = (pixels[:, :height, :width].permute(1, 2, 0).numpy() * 255).clip(0, 255)
     count = int(batch["valid"][row].sum())
-    truth = F.interpolate(batch["masks"][row][None].float().cpu(), size=(height, width), mode="nearest")[0] > 0.5
+    truth = (
+        F.interpolate(batch["original_masks"][row][None].float().cpu(), size=(height, width), mode="nearest")[0] > 0.5
+    )
     side = processor.image_processor.pad_size["height"]
     predicted = F.interpolate(logits[row, :count][None].float().cpu(), size=(side, side), mode="bilinear")[0]
     predicted = predicted[:, :height, :width] > 0

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from transformers import SamModel, SamProcessor
 
-from samtune.synthetic import SyntheticSpec, make_synthetic_coco
-from samtune.tiny import save_tiny_sam
+from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
+from samtune.testing.tiny import save_tiny_sam
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,7 @@ import shutil
 
 import pytest
 
-from samtune.coco import CocoFormatError
-from samtune.data import CocoInstanceDataset
+from samtune.data.coco import CocoFormatError, CocoInstanceDataset
 
 
 def _open(path, image_dir, data=None):

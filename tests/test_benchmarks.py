@@ -1,137 +1,359 @@
-"""The benchmark scripts run (quick modes) and report finite, positive numbers."""
+"""The benchmark scripts: each answers --help with the common flags, and its --quick --json mode reports
+{"meta", "rows"} with the shared meta, units (*_ms, *_mib) and statistic (median with p90), and numbers that
+agree with each other and with known sizes."""
 
+from __future__ import annotations
+
+import datetime
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+SCRIPTS = (
+    "attention_tiles",
+    "cached_epochs",
+    "data_loading",
+    "latency",
+    "method_table",
+    "param_counts",
+    "train_throughput",
+)
+VERSIONED = {"python", "torch", "transformers", "peft", "accelerate", "samtune"}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the default of every script that has a device
 
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture
+def load(monkeypatch):
+    """Load a benchmark script as a module, with benchmarks/ on the path as when it runs as a file; torch's
+    thread count is restored afterwards (--threads sets it for the whole process)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    threads = torch.get_num_threads()
+
+    def _load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    yield _load
+    torch.set_num_threads(threads)
 
 
-def test_train_throughput_quick(tmp_path):
-    out = tmp_path / "train.json"
-    rows = _load("train_throughput").main(["--quick", "--methods", "decoder", "lora", "qdora", "--json", str(out)])
-    assert json.loads(out.read_text()) == rows
-    # plain SamModel and the fast encoder side by side, per method
-    assert [(r["method"], r["encoder"]) for r in rows] == [
-        (method, encoder) for method in ("decoder", "lora", "qdora") for encoder in ("plain", "fast")
+def _keys(value):
+    """Every key of nested dicts and lists of dicts."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _keys(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _keys(item)
+
+
+def check_report(path: Path, rows: list[dict], name: str, device: str = DEVICE, threads: int | None = 1) -> dict:
+    """The JSON report every script writes: meta and exactly the rows main() returned, in shared units."""
+    report = json.loads(path.read_text())
+    assert set(report) == {"meta", "rows"}
+    assert report["rows"] == rows and rows
+    meta = report["meta"]
+    assert meta["benchmark"] == name
+    assert meta["command"][:2] == ["python", f"benchmarks/{name}.py"] and "--quick" in meta["command"]
+    assert meta["quick"] is True and meta["device"] == device and meta["memory_unit"] == "MiB"
+    if threads is not None:
+        assert meta["threads"] == threads
+    assert set(meta["versions"]) == VERSIONED and all(isinstance(v, str) for v in meta["versions"].values())
+    assert meta["versions"]["torch"] == torch.__version__
+    assert meta["machine"]["cores"] == os.cpu_count() and meta["machine"]["cpu"]
+    assert (meta["machine"]["gpu"] is not None) == torch.cuda.is_available()
+    assert datetime.datetime.fromisoformat(meta["date"]).tzinfo is not None
+    keys = set(_keys(rows))
+    # one memory unit and one time unit everywhere
+    times = [k for k in keys if k.endswith("_s") and not k.endswith("_per_s")]
+    assert not times and not [k for k in keys if k.endswith(("_gb", "_gib", "_mb", "seconds"))], keys
+    assert not [k for k in keys if "memory" in k and k != "peak_memory_kind" and not k.endswith("_mib")], keys
+    # one statistic: every median comes with its p90, never below it
+    for row in rows:
+        for key in [k for k in row if k.endswith("median_ms")]:
+            p90 = key.removesuffix("median_ms") + "p90_ms"
+            assert row[p90] >= row[key] and math.isfinite(row[p90]), (key, row)
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------- shape
+
+
+def test_every_script_is_covered():
+    assert sorted(p.stem for p in BENCHMARKS.glob("*.py") if p.stem != "common") == sorted(SCRIPTS)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help_lists_the_common_flags(name, load, capsys):
+    module = load(name)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python benchmarks/{name}.py")
+    for flag in ("--quick", "--json", "--threads", "--device"):
+        assert flag in out, flag
+    assert "sys.path" not in (BENCHMARKS / f"{name}.py").read_text()
+    assert "noqa: E402" not in (BENCHMARKS / f"{name}.py").read_text()
+
+
+def test_common_statistic_and_quick_defaults(load):
+    common = load("common")
+    assert common.timing("step", [0.004, 0.001, 0.003, 0.002]) == pytest.approx(
+        {"step_median_ms": 2.5, "step_p90_ms": 3.7}
+    )
+    assert common.timing("", [0.002]) == {"median_ms": 2.0, "p90_ms": 2.0}
+    parser = common.parser(__file__, "doc", quick="small")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--preset", default="vit-b")
+    quick = {"repeats": 2, "preset": "tiny"}
+    args = common.parse(parser, ["--quick", "--repeats", "5", "--threads", "1"], quick=quick)
+    assert (args.repeats, args.preset) == (5, "tiny")  # --quick's defaults, flags given still win
+    assert args.device == torch.device(DEVICE) and torch.get_num_threads() == 1
+    assert common.parse(parser, [], quick=quick).repeats == 10
+    seconds = common.time_calls(lambda: None, repeats=4, warmup=2, timer=common.Timer("cpu"))
+    assert len(seconds) == 4
+
+
+def test_cpu_only_scripts_refuse_another_device(load, capsys):
+    for name in ("param_counts", "data_loading", "attention_tiles"):
+        with pytest.raises(SystemExit) as exit_:
+            load(name).main(["--quick", "--device", "cuda"])
+        assert exit_.value.code == 2
+        assert "--device" in capsys.readouterr().err
+
+
+def test_runs_as_a_file_without_path_changes(tmp_path):
+    out = tmp_path / "counts.json"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    command = [sys.executable, "benchmarks/param_counts.py", "--quick", "--json", str(out)]
+    subprocess.run(command, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    report = json.loads(out.read_text())
+    assert report["meta"]["command"] == ["python", "benchmarks/param_counts.py", "--quick", "--json", str(out)]
+    assert {row["architecture"] for row in report["rows"]} == {"vit-b"}
+
+
+# ------------------------------------------------------------------------------------------------- scripts
+
+
+def test_param_counts_quick_match_known_sizes(load, tmp_path):
+    module = load("param_counts")
+    rows = module.main(["--quick", "--threads", "1", "--json", str(tmp_path / "p.json")])
+    check_report(tmp_path / "p.json", rows, "param_counts", device="cpu")
+    targets = list(module.TARGET_PRESETS)
+    assert [(r["method"], r["targets"]) for r in rows] == [("full", "-"), ("decoder", "-")] + [
+        (method, t) for method in ("lora", "dora") for t in targets
     ]
-    for row in rows:
-        assert "error" not in row, row
-        for key in ("seconds_per_step", "images_per_s", "peak_memory_mib"):
-            assert math.isfinite(row[key]) and row[key] > 0
-        assert row["trainable"] > 0 and row["device"].startswith(("cpu", "NVIDIA"))
+    by = {(r["method"], r["targets"]): r for r in rows}
+    assert {r["base_total"] for r in rows} == {93_735_728}  # SAM ViT-B as published
+    assert by["full", "-"]["trainable"] == 93_735_728 and by["full", "-"]["percent"] == 100.0
+    assert by["decoder", "-"]["trainable"] == by["decoder", "-"]["decoder"] == by["full", "-"]["decoder"] == 4_058_340
+    # rank 8 on qkv (768 -> 2304) and proj (768 -> 768) in 12 layers; DoRA adds one magnitude per output feature
+    assert by["lora", "encoder-attn"]["trainable"] == 12 * 8 * ((768 + 2304) + (768 + 768))
+    assert by["dora", "encoder-attn"]["trainable"] == by["lora", "encoder-attn"]["trainable"] + 12 * (2304 + 768)
+    # and lin1 (768 -> 3072), lin2 (3072 -> 768)
+    assert by["lora", "encoder-attn-mlp"]["trainable"] == 12 * 8 * ((768 + 2304) + (768 + 768) + 2 * (768 + 3072))
+    for row in rows[1:]:
+        assert row["encoder"] + row["decoder"] == row["trainable"]
+        assert row["percent"] == pytest.approx(100 * row["trainable"] / 93_735_728)
 
 
-def test_data_loading_quick(tmp_path):
-    rows = _load("data_loading").main(
-        ["--images", "6", "--side", "128", "--workers", "0", "--repeats", "1", "--json", str(tmp_path / "d.json")]
-    )
-    assert rows[0]["images"] > 0 and rows[0]["images_per_s"] > 0
-
-
-def test_param_counts_match_known_sizes():
-    rows = _load("param_counts").main(["--presets", "vit-b"])
-    full = next(r for r in rows if r["method"] == "full")
-    assert full["trainable"] == 93_735_728  # SAM ViT-B as published
-    lora = next(r for r in rows if r["method"] == "lora" and r["targets"] == "encoder-attn")
-    # rank 8 on qkv (768 -> 2304) and proj (768 -> 768) in 12 layers
-    assert lora["trainable"] == 12 * 8 * ((768 + 2304) + (768 + 768))
-
-
-def test_cached_epochs_quick(tmp_path):
-    result = _load("cached_epochs").main(
-        ["--preset", "tiny", "--images", "2", "--epochs", "2", "--json", str(tmp_path / "c.json")]
-    )
-    assert len(result["epoch_seconds"]["cached"]) == len(result["epoch_seconds"]["recomputed"]) == 2
-    assert all(math.isfinite(v) and v > 0 for v in result["epoch_seconds"]["cached"])
-    assert result["speedup_after_first"] > 0
-
-
-def test_latency_quick(tmp_path):
+def test_latency_quick(load, tmp_path):
     out = tmp_path / "latency.json"
-    rows = _load("latency").main(
-        [
-            "--quick",
-            "--rows",
-            "sdpa-fp32",
-            "eager-fp32",
-            "sdpa-bf16",
-            "sdpa-fp32-unmerged",
-            "sdpa-fp32-merged",
-            "sdpa-fp32-fast",
-            "sdpa-bf16-fast",
-            "sdpa-bf16w-fast",
-            "--rounds",
-            "2",
-            "--json",
-            str(out),
-        ]
-    )
-    saved = json.loads(out.read_text())
-    assert saved["rows"] == rows and "random weights" in saved["meta"]["model"]
+    wanted = ["sdpa-fp32", "eager-fp32", "sdpa-bf16", "sdpa-fp32-unmerged", "sdpa-fp32-merged", "sdpa-fp32-fast",
+              "sdpa-bf16-fast", "sdpa-bf16w-fast"]  # fmt: skip
+    rows = load("latency").main(["--quick", "--threads", "1", "--rows", *wanted, "--rounds", "2", "--json", str(out)])
+    meta = check_report(out, rows, "latency")
+    assert "random weights" in meta["model"] and (meta["repeats"], meta["rounds"]) == (3, 2)
+    assert [r["row"] for r in rows] == wanted
     for row in rows:
         assert "error" not in row, row
-        numbers = [
-            row["encoder"]["median_ms"],
-            row["encoder"]["p90_ms"],
-            row["decoder_per_prompt_ms"],
-            row["end_to_end"]["median_ms"],
-            row["images_per_s"],
-            row["peak_memory_mib"],
-            row["encoder_gflop"],
-            row["achieved_gflops"],
-            row["matmul_peak_gflops"],
-            row["percent_of_peak"],
-            row["flop_floor_ms"],
-            row["times_floor"],
-        ]
-        assert all(math.isfinite(v) and v > 0 for v in numbers), row
+        assert row["rounds"] == 2 and row["timed_calls"] == 2 * 3  # every row in each round, statistics pooled
+        for part in ("encoder", "decoder", "end_to_end"):
+            assert f"{part}_median_ms" in row and f"{part}_p90_ms" in row
+        assert row["decoder_per_prompt_median_ms"] == row["decoder_median_ms"]  # batch 1, one prompt
+        assert row["decoder_per_prompt_p90_ms"] == row["decoder_p90_ms"]
+        assert row["images_per_s"] == pytest.approx(1000 / row["end_to_end_median_ms"])
+        assert row["achieved_gflops"] == pytest.approx(row["encoder_gflop"] / row["encoder_median_ms"] * 1000)
+        assert row["percent_of_peak"] == pytest.approx(100 * row["achieved_gflops"] / row["matmul_peak_gflops"])
+        # the floor is the row's FLOPs at the matmul peak of its precision
+        assert row["flop_floor_ms"] == pytest.approx(row["encoder_gflop"] / row["matmul_peak_gflops"] * 1000)
+        assert row["times_floor"] == pytest.approx(row["encoder_median_ms"] / row["flop_floor_ms"])
+        assert row["compile_ms"] is None and math.isfinite(row["peak_memory_mib"])
+    # one matmul peak per precision, measured once in the run
+    assert len({r["matmul_peak_gflops"] for r in rows if r["precision"] == "fp32"}) == 1
     # eager, sdpa and the fast encoder do the same work, counted through different ops (the CPU's fused SDPA
     # kernel gets its own FLOP formula)
-    assert rows[1]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
-    assert rows[5]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
-    assert rows[6]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
+    for index in (1, 5, 6):
+        assert rows[index]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
     # bf16 weights: products written in place into the bias buffer, counted like their out-of-place forms
     assert rows[7]["encoder_gflop"] == pytest.approx(rows[0]["encoder_gflop"], rel=0.02)
     assert rows[3]["encoder_gflop"] > rows[4]["encoder_gflop"]  # unmerged adapters add their own matmuls
     assert [r["fast"] for r in rows] == [False] * 5 + [True] * 3
-    assert all(r["rounds"] == 2 for r in rows)  # every row measured in each round, statistics pooled
-    for row in rows:  # the floor is the row's FLOPs at the matmul peak of its precision
-        floor = row["encoder_gflop"] / row["matmul_peak_gflops"] * 1000
-        assert row["flop_floor_ms"] == pytest.approx(floor)
 
 
-def test_method_table_quick(tmp_path):
-    from samtune.demo import BASE_DIR
-    from samtune.domains import DomainSpec, make_domain_coco
+def test_train_throughput_quick(load, tmp_path):
+    out = tmp_path / "train.json"
+    module = load("train_throughput")
+    methods = module.QUICK["methods"]
+    if importlib.util.find_spec("bitsandbytes") is None:  # 4-bit bases need it
+        methods = [m for m in methods if not m.startswith("q")]
+    rows = module.main(["--quick", "--threads", "1", "--methods", *methods, "--json", str(out)])
+    check_report(out, rows, "train_throughput")
+    # plain SamModel and the fast encoder side by side, per method
+    assert [(r["method"], r["encoder"]) for r in rows] == [(m, e) for m in methods for e in ("plain", "fast")]
+    counts = load("param_counts")
+    for row in rows:
+        assert "error" not in row, row
+        assert (row["preset"], row["steps"], row["batch_size"], row["instances"]) == ("tiny", 3, 2, 3)
+        assert row["images_per_s"] == pytest.approx(2 * 1000 / row["step_median_ms"])
+        assert math.isfinite(row["peak_memory_mib"])
+        # what trains is what param_counts counts: 4-bit methods train what their full-precision twins train
+        twin = row["method"].removeprefix("q")
+        assert row["trainable"] == counts.count("tiny", twin, "peft-sam", 8)["trainable"]
 
-    table = _load("method_table")
-    splits = {name: make_domain_coco(tmp_path / name, DomainSpec("target", n, seed=i)) for i, (name, n) in
-              enumerate([("train", 6), ("val", 3), ("test", 3)])}  # fmt: skip
-    extra = ["--model.name_or_path", str(BASE_DIR), "--train.max_steps", "2", "--data.num_workers", "0"]
-    for name, (annotations, images) in splits.items():
-        extra += [f"--data.{name}_annotations", str(annotations), f"--data.{name}_images", str(images)]
-    argv = ["--methods", "none", "dora", "--seeds", "0", "1", "--output", str(tmp_path / "table")]
-    summary = table.main([*argv, "--markdown", str(tmp_path / "table.md"), "--", *extra])
-    assert [row["method"] for row in summary] == ["none", "dora"]
-    none, dora = summary
-    assert none["gain_mIoU"] == (0.0, 0.0) and none["trainable"] == 0
-    assert dora["trainable"] > 0 and dora["seeds"] == 2
-    runs = json.loads((tmp_path / "table" / "table.json").read_text())["runs"]
-    assert {(row["method"], row["seed"]) for row in runs} == {(m, s) for m in ("none", "dora") for s in (0, 1)}
-    assert all(row["peak_memory_gb"] > 0 for row in runs)
-    lines = (tmp_path / "table.md").read_text().splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| zero-shot |")
-    finished = (tmp_path / "table" / "dora-seed0" / "results.json").stat().st_mtime
-    assert table.main([*argv, "--", *extra]) == summary  # finished runs are reused, not rerun
-    assert (tmp_path / "table" / "dora-seed0" / "results.json").stat().st_mtime == finished
+
+def test_data_loading_quick(load, tmp_path):
+    from samtune.config import DataConfig
+    from samtune.data.coco import CocoInstanceDataset
+    from samtune.data.dataset import SamPromptDataset
+    from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
+
+    out = tmp_path / "d.json"
+    rows = load("data_loading").main(["--quick", "--json", str(out)])
+    check_report(out, rows, "data_loading", device="cpu", threads=1)  # one thread, like a loader worker
+    annotations, images = make_synthetic_coco(tmp_path / "coco", SyntheticSpec(6, min_side=64, max_side=128,
+                                                                                max_shapes=6))  # fmt: skip
+    dataset = SamPromptDataset(CocoInstanceDataset(annotations, images), None, DataConfig(), train=True)
+    (row,) = rows
+    assert (row["workers"], row["input_side"], row["batch_size"], row["prompt"]) == (0, 128, 2, "box")
+    assert row["images"] == len(dataset)  # every image with instances, once per pass
+    assert row["images_per_s"] == pytest.approx(row["images"] * 1000 / row["pass_median_ms"])
+    assert math.isfinite(row["open_ms"])
+
+
+def test_cached_epochs_quick(load, tmp_path):
+    out = tmp_path / "c.json"
+    module = load("cached_epochs")
+    rows = module.main(["--quick", "--threads", "1", "--json", str(out)])
+    meta = check_report(out, rows, "cached_epochs")
+    assert meta["images"] == 2 and meta["method"] == "decoder"
+    recomputed, cached = rows
+    assert (recomputed["embeddings"], cached["embeddings"]) == ("recomputed", "cached")
+    for row in rows:
+        assert row["epochs"] == len(row["epoch_ms"]) == 2
+        assert row["first_epoch_ms"] == row["epoch_ms"][0] and row["later_epoch_median_ms"] == row["epoch_ms"][1]
+        assert row["epoch_median_ms"] == pytest.approx(sum(row["epoch_ms"]) / 2)  # median of two
+    assert cached["speedup_after_first"] == pytest.approx(
+        recomputed["epoch_median_ms"] / cached["later_epoch_median_ms"]
+    )
+    with pytest.raises(SystemExit):
+        module.main(["--quick", "--epochs", "1"])  # the first epoch fills the cache: nothing to compare
+
+
+def test_attention_tiles_quick(load, tmp_path):
+    out = tmp_path / "a.json"
+    rows = load("attention_tiles").main(["--quick", "--threads", "1", "--json", str(out)])
+    meta = check_report(out, rows, "attention_tiles", device="cpu")
+    assert meta["grad"] is False and meta["repeats"] == 3
+    variants = ["transformers"] + [f"fast {k} 2^{t}" for k in ("fused", "products") for t in (8, 20)]
+    assert [(r["precision"], r["variant"]) for r in rows] == [(p, v) for p in ("fp32", "bf16") for v in variants]
+    for precision in ("fp32", "bf16"):
+        mine = [r for r in rows if r["precision"] == precision]
+        assert mine[0]["speedup"] == 1.0
+        for row in mine:
+            assert row["speedup"] == pytest.approx(mine[0]["median_ms"] / row["median_ms"])
+
+
+# ------------------------------------------------------------------------------------------------- method table
+
+
+def fake_results(method: str, seed: int) -> dict:
+    """A results.json as samtune.train writes it, with numbers that depend on method and seed."""
+    trained = method != "none"
+    return {
+        "parameters": {"all": {"trainable": {"none": 0, "dora": 30_272}[method], "total": 1_167_906}},
+        "epoch_seconds": [1.5 + seed, 2.5] if trained else [],
+        "peak_memory_gib": 0.5 + 0.25 * seed,
+        "test": {
+            "zero_shot": {"mIoU": 0.2, "mF1": 0.3},
+            "best": {"mIoU": 0.2 + trained * (0.1 + 0.02 * seed), "mF1": 0.3 + trained * (0.1 + 0.04 * seed)},
+        },
+    }
+
+
+def test_method_table_quick(load, tmp_path, monkeypatch):
+    table = load("method_table")
+    launched = []
+
+    def launch(command, env):  # a finished run in no time: the table's logic is what is tested here
+        launched.append((command, env))
+        options = dict(zip(command[2::2], command[3::2]))  # "--key value" pairs up to the extra arguments
+        method, seed = options["--peft.method"], int(options["--train.seed"])
+        assert Path(command[1]) == table.TRAIN_SCRIPT and table.TRAIN_SCRIPT.exists()
+        assert options.get("--train.lr") == (None if method == "none" else str(table.LEARNING_RATES[method]))
+        assert env["OMP_NUM_THREADS"] == "1" and command[-2:] == ["--train.epochs", "6"]
+        Path(options["--output_dir"]).mkdir(parents=True)
+        (Path(options["--output_dir"]) / "results.json").write_text(json.dumps(fake_results(method, seed)))
+
+    monkeypatch.setattr(table, "launch", launch)
+    out, md = tmp_path / "table.json", tmp_path / "table.md"
+    argv = ["--quick", "--output", str(tmp_path / "runs"), "--json", str(out), "--markdown", str(md)]
+    rows = table.main([*argv, "--", "--train.epochs", "6"])
+    meta = check_report(out, rows, "method_table")
+    assert meta["train_args"][-2:] == ["--train.epochs", "6"]  # after --quick's own, so the user's win
+    assert sorted((c[c.index("--peft.method") + 1], c[c.index("--train.seed") + 1]) for c, _ in launched) == [
+        ("dora", "0"), ("dora", "1"), ("none", "0"), ("none", "1")
+    ]  # fmt: skip
+    for split in ("train", "val", "test"):  # --quick's tiny splits, made once
+        assert (tmp_path / "runs" / "data" / split / "annotations.json").exists()
+    none, dora = rows
+    assert (none["method"], dora["method"], none["seeds"], dora["seeds"]) == ("none", "dora", 2, 2)
+    assert (none["trainable"], dora["trainable"]) == (0, 30_272)
+    assert none["gain_mIoU_mean"] == none["gain_mIoU_std"] == 0.0
+    assert dora["test_mIoU_mean"] == pytest.approx(0.31) and dora["test_mIoU_std"] == pytest.approx(0.02 / 2**0.5)
+    assert dora["test_mF1_mean"] == pytest.approx(0.42) and dora["test_mF1_std"] == pytest.approx(0.04 / 2**0.5)
+    assert dora["gain_mIoU_mean"] == pytest.approx(0.11) and dora["start_mIoU_mean"] == pytest.approx(0.2)
+    assert dora["train_mean_ms"] == pytest.approx(4500) and dora["train_std_ms"] == pytest.approx(1000 / 2**0.5)
+    assert dora["peak_memory_mean_mib"] == pytest.approx(0.625 * 1024)  # results.json's GiB, in MiB
+    assert [run["seed"] for run in dora["runs"]] == [0, 1] and dora["runs"][1]["peak_memory_mib"] == 768
+    lines = md.read_text().splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| zero-shot | 20.0 +- 0.0 |")
+    assert lines[3].startswith("| dora | 31.0 +- 1.4 | 42.0 +- 2.8 | +11.0 +- 1.4 | 20.0 | 30,272 | 4 +- 1 | 640 |")
+    launched.clear()
+    assert table.main([*argv, "--", "--train.epochs", "6"]) == rows  # finished runs are reused, not rerun
+    assert not launched
+
+
+def test_method_table_one_real_run(load, tmp_path, monkeypatch):
+    """The table reads what samtune.train really writes: one decoder-only run of 2 steps, in this process."""
+    from transformers import SamModel
+
+    from samtune.demo.assets import BASE_DIR
+    from samtune.train import main as train_main
+
+    table = load("method_table")
+    monkeypatch.setattr(table, "launch", lambda command, env: train_main(command[2:]))
+    out = tmp_path / "table.json"
+    (row,) = table.main(["--quick", "--methods", "decoder", "--seeds", "0", "--output", str(tmp_path), "--json",
+                         str(out)])  # fmt: skip
+    check_report(out, [row], "method_table")
+    (run,) = row["runs"]
+    results = json.loads((tmp_path / "decoder-seed0" / "results.json").read_text())
+    assert run["trainable"] == sum(p.numel() for p in SamModel.from_pretrained(BASE_DIR).mask_decoder.parameters())
+    assert run["test_mIoU"] == results["test"]["best"]["mIoU"] and 0 <= run["test_mIoU"] <= 1
+    assert run["train_ms"] == pytest.approx(1000 * sum(results["epoch_seconds"]))
+    assert run["peak_memory_mib"] == pytest.approx(1024 * results["peak_memory_gib"])
+    assert run["wall_ms"] == pytest.approx(1000 * results["wall_seconds"])

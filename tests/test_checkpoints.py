@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import SamModel
 
-from samtune.checkpoints import load_original_checkpoint
 from samtune.config import ModelConfig
-from samtune.modeling import load_sam
+from samtune.models.loading import load_sam
+from samtune.models.segment_anything_checkpoint import load_original_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def test_same_masks_as_segment_anything(sa_modeling, tmp_path, layout):
 
 
 def test_converted_folder_round_trip(sa_modeling, tmp_path):
-    from samtune.checkpoints import main
+    from samtune.models.segment_anything_checkpoint import main
 
     sam = _small_sam(sa_modeling)
     torch.save({"model": sam.state_dict()}, tmp_path / "wrapped.pth")  # training checkpoints wrap the weights

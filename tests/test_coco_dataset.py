@@ -6,7 +6,7 @@ import logging
 import numpy as np
 from pycocotools.coco import COCO
 
-from samtune.data import CocoInstanceDataset
+from samtune.data.coco import CocoInstanceDataset
 
 
 def test_masks_ids_and_crowd_match_pycocotools(coco):

@@ -5,11 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from transformers import SamModel, SamProcessor
 
-import samtune.demo as demo
-from samtune.coco import CocoIndex
-from samtune.domains import MIN_VISIBLE_PIXELS, TARGET_CATEGORIES, DomainSpec, make_domain_coco, render
+from samtune.config import load_config
+from samtune.data.coco import CocoIndex
+from samtune.demo import assets
+from samtune.demo.domains import MIN_VISIBLE_PIXELS, TARGET_CATEGORIES, DomainSpec, make_domain_coco, render
+from samtune.demo.pretrain import main as demo_main
+from samtune.models.architectures import demo_sam_config
 from samtune.train import main as train_main
 from samtune.train import parse_config
 
@@ -77,23 +81,23 @@ def test_coco_files_load_with_every_object_annotated(tmp_path):
 
 
 def test_shipped_base_loads_and_is_small():
-    files = {path.name: path.stat().st_size for path in demo.BASE_DIR.iterdir()}
+    files = {path.name: path.stat().st_size for path in assets.BASE_DIR.iterdir()}
     assert {"config.json", "model.safetensors", "processor_config.json", "pretraining.json"} <= set(files)
     assert sum(files.values()) <= 10 * 2**20
-    model = SamModel.from_pretrained(demo.BASE_DIR)
-    SamProcessor.from_pretrained(demo.BASE_DIR)
-    expected = demo.demo_sam_config().vision_config
+    model = SamModel.from_pretrained(assets.BASE_DIR)
+    SamProcessor.from_pretrained(assets.BASE_DIR)
+    expected = demo_sam_config().vision_config
     assert model.config.vision_config.hidden_size == expected.hidden_size
     assert model.config.vision_config.image_size == 256
-    record = json.loads((demo.BASE_DIR / "pretraining.json").read_text())
+    record = json.loads((assets.BASE_DIR / "pretraining.json").read_text())
     assert record["source_val_box_mIoU"] > 0.6  # what pretraining reached on its own domain
     assert record["target_test_box_mIoU"] < record["source_val_box_mIoU"] - 0.1  # and the shift it faces
 
 
 def test_the_demo_settings_apply_only_to_the_demo_and_under_the_users_keys():
+    settings = yaml.safe_load(assets.RUN_CONFIG.read_text())
     config = parse_config([])
-    assert config.peft.method == demo.DEMO_RUN["peft.method"]
-    assert config.train.lr == demo.DEMO_RUN["train.lr"]
+    assert config.peft.method == settings["peft"]["method"] and config.train.lr == settings["train"]["lr"]
     assert parse_config(["--train.lr", "0.5"]).train.lr == 0.5
     own_data = parse_config(["--data.train_annotations", "a.json", "--data.train_images", "img"])
     assert own_data.train.lr == 1e-4  # a user's own run keeps samtune's general defaults
@@ -104,7 +108,7 @@ def small_demo(tmp_path, monkeypatch):
     """The demo with small splits in a private cache."""
     monkeypatch.setenv("SAMTUNE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(
-        demo,
+        assets,
         "TARGET_SPLITS",
         {
             "train": DomainSpec("target", 32, seed=7001),
@@ -113,11 +117,12 @@ def small_demo(tmp_path, monkeypatch):
         },
     )
     monkeypatch.setattr(
-        demo, "SOURCE_SPLITS", {"train": DomainSpec("source", 8, seed=1), "val": DomainSpec("source", 4, seed=2)}
+        assets, "SOURCE_SPLITS", {"train": DomainSpec("source", 8, seed=1), "val": DomainSpec("source", 4, seed=2)}
     )
     return tmp_path
 
 
+@pytest.mark.slow
 def test_a_short_default_run_raises_test_miou_on_the_target_domain(small_demo):
     results = train_main(
         ["--output_dir", str(small_demo / "run"), "--train.max_steps", "40", "--data.num_workers", "0",
@@ -128,25 +133,25 @@ def test_a_short_default_run_raises_test_miou_on_the_target_domain(small_demo):
     assert test["weights_step"] > 0
 
 
+@pytest.mark.slow
 def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "BASE_DIR", small_demo / "installed" / "demo-base")
+    monkeypatch.setattr(assets, "BASE_DIR", small_demo / "installed" / "demo-base")
     out = small_demo / "pretrain"
-    demo.main(["pretrain", "--output", str(out), "--steps", "2", "--install", "--data.num_workers", "0"])
+    demo_main(["pretrain", "--output", str(out), "--steps", "2", "--install", "--data.num_workers", "0"])
     record = json.loads((out / "pretraining.json").read_text())
     assert record["steps"] == 2 and record["command"].startswith("python -m samtune.demo pretrain")
     for key in ("source_val_box_mIoU", "source_val_point_mIoU", "target_test_box_mIoU", "target_test_point_mIoU"):
         assert 0 <= record[key] <= 1
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "zero-shot"
-    model = SamModel.from_pretrained(demo.BASE_DIR)
+    model = SamModel.from_pretrained(assets.BASE_DIR)
     trained = SamModel.from_pretrained(out / "run" / "best")
     for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items()):
         assert (a == b).all(), name
-    assert Path(demo.BASE_DIR / "pretraining.json").exists()
+    assert Path(assets.BASE_DIR / "pretraining.json").exists()
 
 
-def test_the_demo_experiment_file_holds_the_demo_settings():
-    from samtune.config import load_config
-
-    from_file = load_config(Path(__file__).resolve().parent.parent / "launch" / "experiments" / "demo.yaml")
-    assert from_file == parse_config([])
+def test_the_demo_run_is_one_file_shipped_with_the_package():
+    assert parse_config([]) == load_config(assets.RUN_CONFIG)
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert "demo/*.yaml" in pyproject and "demo/base/*" in pyproject

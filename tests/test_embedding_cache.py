@@ -12,9 +12,10 @@ from transformers import SamModel, SamProcessor
 
 from samtune.config import ModelConfig, PeftConfig
 from samtune.embedding_cache import EmbeddingCache, why_not_cacheable
-from samtune.modeling import build_model
-from samtune.synthetic import SyntheticSpec, make_synthetic_coco
-from samtune.tiny import processor_for, save_tiny_sam, tiny_sam_config
+from samtune.models.architectures import processor_for, tiny_sam_config
+from samtune.models.loading import build_model
+from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
+from samtune.testing.tiny import save_tiny_sam
 from samtune.train import main as train
 
 

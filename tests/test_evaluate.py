@@ -8,10 +8,8 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from samtune.evaluate import coco_metrics
 from samtune.evaluate import main as evaluate_main
-from samtune.evaluation import aggregate, score_batch
-from samtune.metrics import instance_iou_f1
+from samtune.evaluation import aggregate, coco_metrics, instance_iou_f1, score_batch
 
 
 def _reference(pred: np.ndarray, truth: np.ndarray, ignore: np.ndarray | None) -> tuple[float, float]:
@@ -93,8 +91,9 @@ def test_aggregate_means_per_instance_per_image_and_category():
 
 def test_scoring_happens_at_each_images_original_size(processor):
     """Logits made from the low-res labels score near 1 once upsampled to each image's own size."""
-    from samtune.collate import collate, encode_sample
-    from samtune.prompts import PromptConfig, make_prompts
+    from samtune.config import DataConfig
+    from samtune.data.batch import collate, encode_sample
+    from samtune.data.prompts import make_prompts
 
     samples = []
     for height, width in [(50, 120), (90, 40)]:
@@ -106,18 +105,18 @@ def test_scoring_happens_at_each_images_original_size(processor):
             np.zeros((height, width, 3), np.uint8),
             truth,
             ignore,
-            make_prompts(truth, PromptConfig("box"), None),
+            make_prompts(truth, DataConfig(prompt="box"), None),
         )
         encoded.update(
             image_id=torch.tensor(height),
             category_ids=torch.tensor([1]),
             annotation_ids=torch.tensor([height]),
-            masks=torch.from_numpy(truth),
-            ignore_full=torch.from_numpy(ignore),
+            original_masks=torch.from_numpy(truth),
+            original_ignore=torch.from_numpy(ignore),
         )
         samples.append(encoded)
     batch = collate(samples)
-    logits = batch["labels"].float() * 20 - 10
+    logits = batch["low_res_masks"].float() * 20 - 10
 
     class Outputs:
         pred_masks = logits[:, :, None]
@@ -165,7 +164,7 @@ def test_perfect_predictions_give_coco_ap_1(coco, tmp_path):
 
 
 def test_evaluate_agrees_with_training_time_evaluation(tmp_path, coco, tiny_sam_dir, train_tiny):
-    from samtune.synthetic import SyntheticSpec, make_synthetic_coco
+    from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 
     train = make_synthetic_coco(tmp_path / "train", SyntheticSpec(num_images=6, seed=1))
     out = tmp_path / "run"

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from samtune.export import main as export
-from samtune.modeling import load_trained
-from samtune.synthetic import SyntheticSpec, make_synthetic_coco
+from samtune.models.loading import load_trained
+from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 
 
 def test_export_from_a_run_folder(tmp_path, tiny_sam_dir, train_tiny):

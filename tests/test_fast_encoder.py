@@ -7,11 +7,11 @@ import torch
 from transformers import SamModel
 from transformers.models.sam.modeling_sam import SamMLPBlock, SamVisionAttention, SamVisionSdpaAttention
 
-import samtune.fast_encoder as fast
+import samtune.models.fast_encoder as fast
 from samtune.config import ModelConfig, PeftConfig
-from samtune.modeling import apply_method, base_model, build_model, load_sam, load_trained
-from samtune.presets import preset_config
-from samtune.tiny import save_random_sam, tiny_sam_config
+from samtune.models.architectures import preset_config, save_random_sam, tiny_sam_config
+from samtune.models.loading import base_model, build_model, load_sam, load_trained
+from samtune.models.methods import apply_method
 
 FP32_REL = 1e-4  # the bound: max |fast - plain| / max |plain| in float32
 SMALL_TILES = 2**13  # forces many tiles per layer: about 20 query rows of one head at these sizes

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from samtune.data import CocoInstanceDataset
-from samtune.images import read_rgb, to_rgb
+from samtune.data.coco import CocoInstanceDataset
+from samtune.data.images import read_rgb, to_rgb
 
 
 def test_every_mode_gives_the_reference_rgb(coco):

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from samtune.prompts import (
+from samtune.config import ConfigError, DataConfig, load_config
+from samtune.data.prompts import (
     PAD_LABEL,
-    PromptConfig,
     box_from_mask,
     farthest_interior_point,
     jitter_box,
@@ -56,7 +56,7 @@ def test_farthest_point_treats_the_image_border_as_boundary():
 
 def test_eval_prompts_are_fixed():
     masks = np.stack([_rect(), _rect(y0=25, y1=38, x0=35, x1=58)])
-    config = PromptConfig(mode="box+point", num_points=3, num_negative_points=2)
+    config = DataConfig(prompt="box+point", num_points=3, num_negative_points=2)
     a, b = make_prompts(masks, config, None), make_prompts(masks, config, None)
     for key in ("boxes", "points", "point_labels"):
         np.testing.assert_array_equal(a[key], b[key])
@@ -68,7 +68,7 @@ def test_training_points_fall_where_they_must():
     mask = np.zeros((50, 50), bool)
     mask[10:40, 10:40] = True
     mask[20:30, 20:30] = False  # a hole: negatives can come from it
-    config = PromptConfig(mode="point", num_points=4, num_negative_points=3)
+    config = DataConfig(prompt="point", num_points=4, num_negative_points=3)
     rng = np.random.default_rng(1)
     for _ in range(30):
         prompts = make_prompts(mask[None], config, rng)
@@ -79,7 +79,7 @@ def test_training_points_fall_where_they_must():
 
 
 def test_missing_negatives_are_padding():
-    config = PromptConfig(mode="point", num_points=1, num_negative_points=2)
+    config = DataConfig(prompt="point", num_points=1, num_negative_points=2)
     prompts = make_prompts(_rect()[None], config, np.random.default_rng(0))  # box == mask: no negative exists
     assert prompts["point_labels"].tolist() == [[1, PAD_LABEL, PAD_LABEL]]
 
@@ -87,19 +87,19 @@ def test_missing_negatives_are_padding():
 def test_modes():
     masks = _rect()[None]
     rng = np.random.default_rng(0)
-    assert set(make_prompts(masks, PromptConfig(mode="box"), rng)) == {"boxes"}
-    assert set(make_prompts(masks, PromptConfig(mode="point"), rng)) == {"points", "point_labels"}
-    assert set(make_prompts(masks, PromptConfig(mode="box+point"), rng)) == {"boxes", "points", "point_labels"}
-    assert make_prompts(masks, PromptConfig(mode="none"), rng) == {}
-    with pytest.raises(ValueError, match="prompt mode"):
-        PromptConfig(mode="scribble")
+    assert set(make_prompts(masks, DataConfig(prompt="box"), rng)) == {"boxes"}
+    assert set(make_prompts(masks, DataConfig(prompt="point"), rng)) == {"points", "point_labels"}
+    assert set(make_prompts(masks, DataConfig(prompt="box+point"), rng)) == {"boxes", "points", "point_labels"}
+    assert make_prompts(masks, DataConfig(prompt="none"), rng) == {}
+    with pytest.raises(ConfigError, match="data.prompt: expected one of 'box', 'point'"):
+        load_config(overrides={"data.prompt": "scribble"})
 
 
 def test_mixed_mode_samples_both_in_training_and_boxes_in_evaluation():
     masks = np.zeros((2, 20, 20), bool)
     masks[0, 2:8, 3:9] = True
     masks[1, 10:18, 10:15] = True
-    config = PromptConfig(mode="mixed")
+    config = DataConfig(prompt="mixed")
     training = make_prompts(masks, config, np.random.default_rng(0))
     assert set(training) == {"boxes", "points", "point_labels"}
     evaluation = make_prompts(masks, config, None)

@@ -2,8 +2,8 @@ import json
 
 from PIL import Image
 
-from samtune.images import EXIF_ORIENTATION
-from samtune.synthetic import SyntheticSpec, make_synthetic_coco
+from samtune.data.images import EXIF_ORIENTATION
+from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 
 
 def test_covers_what_real_data_throws_at_a_loader(coco):

@@ -1,7 +1,7 @@
 import torch
 from transformers import SamModel, SamProcessor
 
-from samtune.tiny import tiny_sam_config
+from samtune.models.architectures import tiny_sam_config
 
 
 def test_saved_like_a_hub_checkpoint(tiny_sam_dir):
@@ -44,7 +44,7 @@ def test_gradients_reach_the_image_encoder(tiny_sam_dir):
 
 
 def test_same_seed_same_weights(tmp_path):
-    from samtune.tiny import save_tiny_sam
+    from samtune.testing.tiny import save_tiny_sam
 
     a = SamModel.from_pretrained(save_tiny_sam(tmp_path / "a", seed=1))
     b = SamModel.from_pretrained(save_tiny_sam(tmp_path / "b", seed=1))

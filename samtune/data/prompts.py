@@ -9,39 +9,20 @@ fixed prompts: the tight box, and the interior point farthest from the boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
-PROMPT_MODES = ("box", "point", "box+point", "mixed", "none")
-# "mixed" trains each step with boxes, points or both (drawn per step, as SAM was trained) and evaluates with boxes.
-MIXED_KINDS = ("box", "point", "box+point")
+from samtune.config import MIXED_KINDS, DataConfig
+
 PAD_LABEL = -10  # SAM's prompt encoder ignores points with this label
 
 
-@dataclass
-class PromptConfig:
-    mode: str = "box"
-    box_jitter: float = 0.1  # max shift of each box side, as a fraction of the box's width or height
-    num_points: int = 1  # positive points per instance in training
-    num_negative_points: int = 0  # negatives inside the box but outside the mask, in training
+def uses_boxes(mode: str) -> bool:
+    return "box" in mode or mode == "mixed"
 
-    def __post_init__(self) -> None:
-        if self.mode not in PROMPT_MODES:
-            raise ValueError(f"prompt mode must be one of {PROMPT_MODES}, got {self.mode!r}")
-        if not 0 <= self.box_jitter < 1:
-            raise ValueError(f"box_jitter must be in [0, 1), got {self.box_jitter}")
-        if self.num_points < 1 or self.num_negative_points < 0:
-            raise ValueError("num_points must be >= 1 and num_negative_points >= 0")
 
-    @property
-    def uses_boxes(self) -> bool:
-        return "box" in self.mode or self.mode == "mixed"
-
-    @property
-    def uses_points(self) -> bool:
-        return "point" in self.mode or self.mode == "mixed"
+def uses_points(mode: str) -> bool:
+    return "point" in mode or mode == "mixed"
 
 
 def box_from_mask(mask: np.ndarray) -> np.ndarray:
@@ -96,36 +77,36 @@ def sample_points(
     return np.concatenate(points).astype(np.float32), np.concatenate(labels)
 
 
-def make_prompts(masks: np.ndarray, config: PromptConfig, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+def make_prompts(masks: np.ndarray, data: DataConfig, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
     """Prompts for K non-empty masks (K, H, W): ``boxes`` (K, 4) and/or ``points`` (K, P, 2) + ``point_labels`` (K, P).
 
-    ``rng=None`` means evaluation: no jitter, one fixed positive point, no negatives.
+    The prompt settings are ``data``'s (prompt, box_jitter, num_points, num_negative_points).
+    ``rng=None`` means evaluation: no jitter, one fixed positive point, no negatives; "mixed" evaluates with boxes.
     """
     prompts: dict[str, np.ndarray] = {}
-    if config.mode == "none":
+    mode = "box" if data.prompt == "mixed" and rng is None else data.prompt
+    if mode == "none":
         return prompts
-    if config.mode == "mixed" and rng is None:
-        config = replace(config, mode="box")
     height, width = masks.shape[1:]
     if len(masks) == 0:
-        if config.uses_boxes:
+        if uses_boxes(mode):
             prompts["boxes"] = np.zeros((0, 4), np.float32)
-        if config.uses_points:
-            count = 1 if rng is None else config.num_points + config.num_negative_points
+        if uses_points(mode):
+            count = 1 if rng is None else data.num_points + data.num_negative_points
             prompts["points"] = np.zeros((0, count, 2), np.float32)
             prompts["point_labels"] = np.zeros((0, count), np.int64)
         return prompts
     tight = [box_from_mask(mask) for mask in masks]
-    if config.uses_boxes:
-        boxes = tight if rng is None else [jitter_box(b, config.box_jitter, rng, height, width) for b in tight]
+    if uses_boxes(mode):
+        boxes = tight if rng is None else [jitter_box(b, data.box_jitter, rng, height, width) for b in tight]
         prompts["boxes"] = np.stack(boxes).reshape(-1, 4).astype(np.float32)
-    if config.uses_points:
+    if uses_points(mode):
         if rng is None:
             points = np.stack([farthest_interior_point(mask)[None] for mask in masks])
             labels = np.ones(points.shape[:2], dtype=np.int64)
         else:
             sampled = [
-                sample_points(mask, box, config.num_points, config.num_negative_points, rng)
+                sample_points(mask, box, data.num_points, data.num_negative_points, rng)
                 for mask, box in zip(masks, tight)
             ]
             points = np.stack([p for p, _ in sampled])

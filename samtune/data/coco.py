@@ -1,8 +1,11 @@
-"""Reading and checking a COCO instance-segmentation annotation file.
+"""Reading and checking a COCO instance-segmentation file, and its images with their masks.
 
 Everything that can be found wrong without decoding pixels is found here, when
 the data set is opened, so that a bad sample never stops a run mid-epoch.
 Each error names the file, the image or annotation id, and the problem.
+``CocoInstanceDataset`` then gives, per image, the upright RGB pixels, the instance
+masks at original resolution, their category and annotation ids, and the crowd
+regions as an ignore map.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+import numpy as np
 from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
 
-from samtune.images import ImageReadError, displayed_size, probe
+from samtune.data.images import ImageReadError, displayed_size, orient_mask, probe, read_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -248,3 +253,46 @@ class CocoIndex:
         if self.skipped["clipped"]:
             line += f"; clipped to the image: {self.skipped['clipped']} polygons"
         return line
+
+
+class CocoInstanceDataset(Dataset):
+    """Images and their instance masks, at original resolution, from a checked COCO file."""
+
+    def __init__(self, annotation_file: str | Path, image_dir: str | Path, check_images: bool = True) -> None:
+        self.index = CocoIndex(annotation_file, image_dir, check_images=check_images)
+        self.images = self.index.images
+        self.categories = self.index.categories
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _decode(self, image: CocoImage, rles: list[dict]) -> np.ndarray:
+        if not rles:
+            return np.zeros((0, *image.size), dtype=bool)
+        masks = mask_utils.decode(rles).transpose(2, 0, 1).astype(bool)
+        if image.annotations_on_stored_pixels:
+            masks = np.stack([orient_mask(m, image.orientation) for m in masks])
+        return masks
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index]
+        try:
+            pixels = read_rgb(image.path)
+        except ImageReadError as error:
+            where = f"{self.index.annotation_file}: image id {image.image_id} ({image.path})"
+            raise CocoFormatError(f"{where}: {error}") from error
+        if pixels.shape[:2] != image.size:
+            raise CocoFormatError(
+                f"{self.index.annotation_file}: image id {image.image_id} ({image.path}): decoded size "
+                f"{pixels.shape[1]}x{pixels.shape[0]} differs from the {image.size[1]}x{image.size[0]} "
+                "seen when the data set was opened (was the file changed?)"
+            )
+        crowd = self._decode(image, image.crowd)
+        return {
+            "image_id": image.image_id,
+            "image": pixels,
+            "masks": self._decode(image, [inst.rle for inst in image.instances]),
+            "category_ids": np.array([inst.category_id for inst in image.instances], dtype=np.int64),
+            "annotation_ids": np.array([inst.annotation_id for inst in image.instances], dtype=np.int64),
+            "ignore": crowd.any(axis=0) if len(crowd) else np.zeros(image.size, dtype=bool),
+        }

@@ -4,7 +4,9 @@ as Meta, MedSAM, SlimSAM and others publish them, read safely into ``SamModel``.
 The architecture (ViT-B/L/H, SlimSAM widths, window / global layout, input size) is read off the
 tensor shapes, so no size has to be named.
 
-    python -m samtune.checkpoints sam_vit_b_01ec64.pth out/sam-vit-b   # convert once, to a SamModel folder
+Convert once, to a SamModel folder:
+
+    python -m samtune.models.segment_anything_checkpoint sam_vit_b_01ec64.pth out/sam-vit-b
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from transformers import (
     SamVisionConfig,
 )
 
-from samtune.tiny import processor_for
+from samtune.models.architectures import processor_for
 
 # Renames from the original module tree to transformers' (applied in order, as substrings).
 _RENAMES = [

@@ -1,0 +1,120 @@
+"""COCO images to SAM batches: which instances a sample holds, their prompts, the processor, the loader.
+
+``SamPromptDataset`` picks the instances of one step, draws their prompts and runs the model's own processor;
+``make_loader`` batches its samples into a ``SamBatch`` (``samtune.data.batch``).
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from samtune.config import DataConfig
+from samtune.data.batch import collate, encode_sample
+from samtune.data.coco import CocoInstanceDataset
+from samtune.data.prompts import make_prompts
+
+logger = logging.getLogger(__name__)
+
+
+class Split(str, enum.Enum):
+    """A data split; its value is the name used in logs, metrics and TensorBoard tags."""
+
+    TRAIN = "train"
+    VAL = "val"
+    TEST = "test"
+
+
+class SamPromptDataset(Dataset):
+    """SAM-ready samples: one prompt per instance, encoded with the model's processor.
+
+    Training (``train=True``): images without instances are left out (in prompt modes),
+    at most ``data.max_instances`` instances per image, a fresh random subset and fresh
+    prompts each epoch, reproducible from (seed, epoch, index) whatever the worker count.
+    Evaluation: every instance, in chunks of ``data.max_instances``, with fixed prompts, and the
+    original-resolution masks kept for scoring.
+    """
+
+    def __init__(
+        self, source: CocoInstanceDataset, processor, data: DataConfig, train: bool = True, seed: int = 0
+    ) -> None:
+        if data.max_instances < 1:
+            raise ValueError(f"max_instances must be >= 1, got {data.max_instances}")
+        self.source, self.processor, self.data = source, processor, data
+        self.max_instances, self.train, self.seed = data.max_instances, train, seed
+        self.epoch = 0
+        counts = [len(image.instances) for image in source.images]
+        if data.prompt == "none":
+            self.items = [(i, 0) for i in range(len(counts))]
+        elif train:
+            self.items = [(i, 0) for i, count in enumerate(counts) if count]
+        else:
+            self.items = [(i, start) for i, count in enumerate(counts) for start in range(0, count, self.max_instances)]
+        unused = sum(1 for count in counts if not count) if data.prompt != "none" else 0
+        if unused:
+            logger.info(
+                "%s: %d images without instances are not used with %s prompts",
+                source.index.annotation_file,
+                unused,
+                data.prompt,
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose which instances and prompts the next pass draws."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _instances(self, sample: dict, start: int, rng: np.random.Generator | None) -> tuple[np.ndarray, ...]:
+        """(masks, category ids, annotation ids) of the instances this sample holds."""
+        masks, categories, annotations = sample["masks"], sample["category_ids"], sample["annotation_ids"]
+        if self.data.prompt == "none":  # one target per image: the union of its instances (foreground)
+            union = masks.any(axis=0, keepdims=True) if len(masks) else np.zeros((1, *sample["image"].shape[:2]), bool)
+            return union, np.full(1, -1, dtype=np.int64), np.full(1, -1, dtype=np.int64)
+        if rng is None:
+            keep = slice(start, start + self.max_instances)
+        elif len(masks) > self.max_instances:
+            keep = np.sort(rng.choice(len(masks), size=self.max_instances, replace=False))
+        else:
+            return masks, categories, annotations
+        return masks[keep], categories[keep], annotations[keep]
+
+    def __getitem__(self, item: int) -> dict:
+        index, start = self.items[item]
+        sample = self.source[index]
+        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
+        masks, categories, annotations = self._instances(sample, start, rng)
+        prompts = make_prompts(masks, self.data, rng)
+        encoded = encode_sample(self.processor, sample["image"], masks, sample["ignore"], prompts)
+        encoded.update(
+            image_id=torch.tensor(sample["image_id"]),
+            category_ids=torch.from_numpy(categories),
+            annotation_ids=torch.from_numpy(annotations),
+        )
+        if not self.train:
+            encoded["original_masks"] = torch.from_numpy(masks)
+            encoded["original_ignore"] = torch.from_numpy(sample["ignore"])
+        return encoded
+
+
+def make_loader(
+    dataset: SamPromptDataset, batch_size: int, num_workers: int = 0, shuffle: bool | None = None, seed: int = 0
+) -> DataLoader:
+    """A DataLoader of ``SamBatch``es; shuffling is seeded, so resumed runs see the same order."""
+    shuffle = dataset.train if shuffle is None else shuffle
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate,
+        generator=generator,
+        persistent_workers=False,  # workers must see set_epoch()
+        pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,1 @@
+"""Loading SAM checkpoints, choosing what trains, architectures, conversion of original checkpoints."""

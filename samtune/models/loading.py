@@ -1,0 +1,154 @@
+"""Loading a SAM checkpoint, saving what trained, loading it back, merging adapters.
+
+One call, ``build_model``, turns the ``model`` and ``peft`` config sections into a model ready to train
+(``samtune.models.methods`` decides what trains); ``save_trained`` and ``merge_adapter`` turn it back into
+folders people load with ``PeftModel.from_pretrained`` / ``SamModel.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import SamModel, SamProcessor
+
+from samtune.config import QUANTISED_METHODS, ModelConfig, PeftConfig
+from samtune.models.fast_encoder import enable_fast_encoder
+from samtune.models.methods import ModelConfigError, apply_method
+from samtune.models.segment_anything_checkpoint import is_original_checkpoint, load_original_checkpoint
+
+logger = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def bf16_supported() -> bool:
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return True  # CPU kernels take bf16; bitsandbytes computes in it on CPU
+
+
+def _nf4_config():
+    from transformers import BitsAndBytesConfig
+
+    compute = torch.bfloat16 if bf16_supported() else torch.float16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _disable_cpu_bf16_kernels(model: torch.nn.Module) -> None:
+    # bitsandbytes' AVX512-BF16 CPU path breaks on small layers and after eval passes; the generic path works.
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def load_sam(spec: ModelConfig, quantise: bool = False) -> tuple[SamModel, SamProcessor]:
+    """Model and processor from one hub id, local SamModel folder, or original segment-anything checkpoint.
+
+    ``quantise`` loads the base in 4 bits (NF4) through bitsandbytes.
+    """
+    if is_original_checkpoint(spec.name_or_path):
+        if quantise:
+            raise ModelConfigError(
+                "convert an original checkpoint first (python -m samtune.models.segment_anything_checkpoint "
+                "IN.pth OUT_DIR) to quantise it"
+            )
+        model, processor = load_original_checkpoint(spec.name_or_path, attn_implementation=spec.attn_implementation)
+    else:
+        kwargs: dict = {"attn_implementation": spec.attn_implementation, "dtype": DTYPES[spec.dtype]}
+        if quantise:
+            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+            kwargs.update(quantization_config=_nf4_config(), device_map={"": device})
+        model = SamModel.from_pretrained(spec.name_or_path, **kwargs)
+        if quantise and not torch.cuda.is_available():
+            _disable_cpu_bf16_kernels(model)
+        processor = SamProcessor.from_pretrained(spec.name_or_path)
+    if spec.fast_encoder:  # before PEFT wraps anything: only the encoder's attention / MLP classes change
+        enable_fast_encoder(model)
+    if spec.compile:
+        # in place (nn.Module.compile): parameter names and state-dict keys stay SamModel's; traced at the first
+        # call, so adapters injected after this are compiled too
+        model.vision_encoder.compile(backend=spec.compile)
+    return model, processor
+
+
+def build_model(model_config: ModelConfig, peft_config: PeftConfig) -> tuple[torch.nn.Module, SamProcessor]:
+    """Config -> (model ready to train, processor)."""
+    model, processor = load_sam(model_config, quantise=peft_config.method in QUANTISED_METHODS)
+    return apply_method(model, peft_config, model_config.gradient_checkpointing), processor
+
+
+def base_model(model: torch.nn.Module) -> SamModel:
+    """The SamModel inside a PeftModel (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_trained(model: torch.nn.Module, processor: SamProcessor, folder: str | Path) -> Path:
+    """Adapters: a PEFT adapter folder; plain methods: a SamModel folder; the processor beside both."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def load_saved_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Put weights that ``save_trained`` wrote back into the live model it wrote them from (e.g. the best ones)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if is_adapter_folder(folder):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(folder / "adapter_model.safetensors", device="cpu"))
+        return
+    state = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        state.update(load_file(shard, device="cpu"))
+    if not state:
+        raise FileNotFoundError(f"{folder}: no model*.safetensors or adapter_model.safetensors to load")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"{folder}: weights the model does not have: {unexpected[:5]}")
+
+
+def is_adapter_folder(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def load_trained(
+    base: str | Path,
+    adapter: str | Path | None = None,
+    attn_implementation: str = "sdpa",
+    fast_encoder: bool = True,
+    compile: str = "",
+):
+    """A trained model for inference: base SamModel (+ adapter folder), in full precision."""
+    spec = ModelConfig(str(base), attn_implementation=attn_implementation, fast_encoder=fast_encoder, compile=compile)
+    model, processor = load_sam(spec)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+        if (Path(adapter) / "processor_config.json").exists():
+            processor = SamProcessor.from_pretrained(adapter)
+    return model.eval(), processor
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
+    """Merge an adapter into a freshly loaded full-precision base and save a plain SamModel folder.
+
+    4-bit runs merge here too: into the full-precision weights, never into the quantised ones.
+    """
+    model, processor = load_trained(base, adapter)
+    merged = model.merge_and_unload()
+    out = Path(out)
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,1 @@
+"""Generated data for tests and benchmarks; never imported by samtune itself."""
