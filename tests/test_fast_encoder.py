@@ -312,10 +312,12 @@ def test_save_and_merge_unchanged(tiny_sam_dir, tmp_path):
         assert _rel(got, want) < FP32_REL
 
 
-def test_quantised_base_trains_like_plain(tiny_sam_dir):
+def test_quantised_base_trains_like_plain(model_dir):
+    # on the preset-shaped configs: the 32-wide tiny test model's bf16 gradients are noise-dominated (its own bf16
+    # gradients point 0.5-0.8 cosine away from fp32's), below any bar that tells the two encoders apart
     pytest.importorskip("bitsandbytes")
-    want, _ = _lora_grads(tiny_sam_dir, False, method="qlora")
-    got, _ = _lora_grads(tiny_sam_dir, True, method="qlora")
+    want, _ = _lora_grads(model_dir, False, method="qlora")
+    got, _ = _lora_grads(model_dir, True, method="qlora")
     assert got.keys() == want.keys()
     for name in want:  # 4-bit layers compute in bf16 on a CPU: compare directions
         cosine = torch.nn.functional.cosine_similarity(got[name].flatten().float(), want[name].flatten().float(), 0)
