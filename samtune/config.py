@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,8 +193,8 @@ def _convert(key: str, value: object, target: type) -> object:
         converted = _to_bool(value)
     elif target in (int, float):
         converted = _to_number(value, target)
-    elif target is str:
-        converted = value if isinstance(value, str) else None
+    elif target is str:  # paths given as Path objects by library callers are strings in the config
+        converted = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
     else:
         raise ConfigError(f"{key}: unsupported type {target}")
     if converted is None:

@@ -44,23 +44,24 @@ def coco_copy(coco, tmp_path) -> tuple[Path, Path, dict]:
 
 @pytest.fixture
 def train_tiny(tiny_sam_dir):
-    """Run samtune.train on the tiny model: train_tiny(out, train_split, val_split, **{"section.key": value})."""
-    from samtune.train import main
+    """Run samtune.train.train on the tiny model: train_tiny(out, train_split, val_split, **{"section.key": value})."""
+    from samtune.config import load_config
+    from samtune.train import train
 
     def run(out: Path, train_split: tuple[Path, Path], val_split: tuple[Path, Path], **overrides) -> dict:
-        argv = {
-            "model.name_or_path": tiny_sam_dir,
-            "data.train_annotations": train_split[0],
-            "data.train_images": train_split[1],
-            "data.val_annotations": val_split[0],
-            "data.val_images": val_split[1],
+        settings = {
+            "model.name_or_path": str(tiny_sam_dir),
+            "data.train_annotations": str(train_split[0]),
+            "data.train_images": str(train_split[1]),
+            "data.val_annotations": str(val_split[0]),
+            "data.val_images": str(val_split[1]),
             "data.num_workers": 0,
             "train.max_steps": 3,
             "train.lr": 1e-2,
             "train.log_images": 0,
-            "output_dir": out,
+            "output_dir": str(out),
             **overrides,
         }
-        return main([item for key, value in argv.items() for item in (f"--{key}", str(value))])
+        return train(load_config(overrides=settings))
 
     return run

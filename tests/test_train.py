@@ -16,9 +16,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import SamModel
 
+from samtune.config import load_config
 from samtune.data.coco import CocoInstanceDataset
 from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
-from samtune.train import main
+from samtune.train import main, train
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,27 +33,33 @@ def splits(tmp_path_factory):
     }
 
 
-def _argv(splits, tiny_sam_dir, out, **overrides):
-    argv = {
+def _settings(splits, tiny_sam_dir, out, **overrides) -> dict:
+    return {
         "model.name_or_path": str(tiny_sam_dir),
         "data.train_annotations": str(splits["train"][0]),
         "data.train_images": str(splits["train"][1]),
         "data.val_annotations": str(splits["val"][0]),
         "data.val_images": str(splits["val"][1]),
-        "data.num_workers": "0",
-        "train.max_steps": "4",
-        "train.log_every": "2",
-        "train.lr": "1e-3",
-        "train.log_images": "2",
-        "peft.dropout": "0",
+        "data.num_workers": 0,
+        "train.max_steps": 4,
+        "train.log_every": 2,
+        "train.lr": 1e-3,
+        "train.log_images": 2,
+        "peft.dropout": 0.0,
         "output_dir": str(out),
+        **overrides,
     }
-    argv.update({k: str(v) for k, v in overrides.items()})
-    return [item for key, value in argv.items() for item in (f"--{key}", value)]
+
+
+def _argv(splits, tiny_sam_dir, out, **overrides):
+    """The same settings as command-line arguments (for runs in their own process)."""
+    settings = _settings(splits, tiny_sam_dir, out, **overrides)
+    return [item for key, value in settings.items() for item in (f"--{key}", str(value))]
 
 
 def _run(splits, tiny_sam_dir, out, **overrides):
-    return main(_argv(splits, tiny_sam_dir, out, **overrides))
+    """samtune as a library: train(config)."""
+    return train(load_config(overrides=_settings(splits, tiny_sam_dir, out, **overrides)))
 
 
 def _lines(out):
@@ -506,3 +513,53 @@ def test_mixed_prompts_draw_boxes_points_or_both_per_step_reproducibly(tmp_path,
         assert results["final"]["num_instances"] > 0  # evaluation: boxes
     assert len(runs[0]) == 8 and runs[0] == runs[1]
     assert len(set(runs[0])) > 1
+
+
+def test_test_metrics_carry_the_test_splits_own_category_names(tmp_path, splits, tiny_sam_dir):
+    data = json.loads(Path(splits["val"][0]).read_text())
+    for category in data["categories"]:
+        category["name"] = f"test-{category['name']}"
+    renamed = tmp_path / "test.json"
+    renamed.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    _run(splits, tiny_sam_dir, out, **{"peft.method": "decoder", "data.test_annotations": renamed,
+                                       "data.test_images": splits["val"][1]})  # fmt: skip
+    lines = {line["kind"]: line for line in _lines(out)}
+    assert set(lines["test-best"]["per_category"]) <= {c["name"] for c in data["categories"]}
+    assert lines["test-best"]["per_category"] and lines["test-zero-shot"]["per_category"]
+    assert all(not name.startswith("test-") for name in lines["final"]["per_category"])
+
+
+def test_a_validation_split_without_instances_never_counts_as_better(tmp_path, splits, tiny_sam_dir):
+    data = json.loads(Path(splits["val"][0]).read_text())
+    data["annotations"] = []
+    empty = tmp_path / "val.json"
+    empty.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    results = _run(splits, tiny_sam_dir, out, **{"peft.method": "decoder", "data.val_annotations": empty,
+                                                 "train.max_steps": 10, "train.eval_every": 1,
+                                                 "train.early_stopping": 2})  # fmt: skip
+    assert math.isnan(results["zero_shot"]["mIoU"]) and results["zero_shot"]["num_instances"] == 0
+    assert results["best_step"] == -1 and not (out / "best").exists()  # NaN never beats anything
+    assert results["stop_reason"].startswith("early stopping") and json.loads((out / "results.json").read_text())[
+        "steps"] == 1  # fmt: skip
+
+
+def test_every_schedule_warms_up_then_follows_its_shape():
+    from samtune.training.setup import build_scheduler
+
+    rates = {}
+    for schedule in ("constant", "linear", "cosine"):
+        config = load_config(overrides={"train.scheduler": schedule, "train.warmup_ratio": 0.2, "train.lr": 1.0})
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.train.lr)
+        scheduler = build_scheduler(config, optimizer, total_steps=10)
+        rates[schedule] = []
+        for _ in range(10):
+            rates[schedule].append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+    for schedule, lrs in rates.items():
+        assert lrs[:3] == pytest.approx([0.0, 0.5, 1.0]), schedule  # 2 warm-up steps from 0, then the peak
+    assert rates["constant"][2:] == pytest.approx([1.0] * 8)
+    assert rates["linear"][2:] == pytest.approx([1 - k / 8 for k in range(8)])
+    assert rates["cosine"][2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
