@@ -64,7 +64,7 @@ def _bias(rel_h: torch.Tensor, rel_w: torch.Tensor, buffer: torch.Tensor) -> tor
     """bias[g, i, kh * Wk + kw] = rel_h[g, i, kh] + rel_w[g, i, kw], written into ``buffer`` in one pass.
 
     rel_h and rel_w come in fp32 whatever the buffer's dtype: the add then runs in fp32 and rounds once on
-    writing, measured 1.2x (global layers) to 3x (windows of 14) faster than a bf16 add.
+    writing, which is faster than a bf16 add (benchmarks/RESULTS.md, the fast image encoder's choices).
     """
     groups, rows, key_h = rel_h.shape
     key_w = rel_w.shape[-1]
@@ -82,16 +82,15 @@ def _add_scores(bias: torch.Tensor, q: torch.Tensor, keys_t: torch.Tensor, scale
     """bias += scale * q @ keys_t, in place (the scores overwrite the bias: no copy of it into a new tensor)."""
     if bias.shape[0] == 1:
         # one head (global layers): the 2-D product, which reads the transposed keys as they are; the batched
-        # one copies them per tile in bf16 (measured: 9% of a ViT-B bf16 encoder)
+        # one copies them per tile in bf16
         bias[0].addmm_(q[0], keys_t[0], alpha=scale)
         return bias
     return bias.baddbmm_(q, keys_t, alpha=scale)
 
 
 def _fused_kernel(q: torch.Tensor, want_lse: bool) -> bool:
-    # PyTorch's fused CPU kernel measured fastest in fp32, and whenever the log-sum-exp is needed (training).
-    # Inference in bf16: the kernel computes in fp32 on CPUs without AMX, where bf16 matrix products
-    # (AVX512-BF16) and a separate softmax measured 1.6-2x faster.
+    # PyTorch's fused CPU kernel is fastest in fp32, and whenever the log-sum-exp is needed (training). Inference
+    # in bf16: the kernel computes in fp32 on CPUs without AMX, so bf16 products and a separate softmax win.
     return q.dtype == torch.float32 or want_lse
 
 
@@ -104,7 +103,7 @@ def _attend(q, k, v, rel_h, rel_w, scale: float, want_lse: bool):
     keys = k.shape[1]
     group_block, row_block = _tile_shape(groups, rows, keys)
     buffer = torch.empty(group_block * row_block * keys, dtype=q.dtype, device=q.device)
-    rel_h, rel_w, keys_t = rel_h.float(), rel_w.float(), k.transpose(1, 2)  # (a contiguous copy measured slower)
+    rel_h, rel_w, keys_t = rel_h.float(), rel_w.float(), k.transpose(1, 2)  # no contiguous copy: it costs more
     out = torch.empty_like(q)
     lse = torch.empty(groups, rows, dtype=torch.float32, device=q.device) if want_lse else None
     fused = _fused_kernel(q, want_lse)
@@ -119,7 +118,7 @@ def _attend(q, k, v, rel_h, rel_w, scale: float, want_lse: bool):
                 lse[gs, rs] = tile_lse[0]
             continue
         scores = _add_scores(bias, q[gs, rs], keys_t[gs], scale)
-        probs = torch._softmax(scores, -1, False, out=scores)  # in place: measured 1.3x a fresh output
+        probs = torch._softmax(scores, -1, False, out=scores)  # in place: no fresh N-wide output to allocate
         torch.bmm(probs, v[gs], out=out[gs, rs])
     return out, lse
 
@@ -223,8 +222,8 @@ class FastSamVisionSdpaAttention(_FastForward, SamVisionSdpaAttention):
     """SamVisionSdpaAttention with the tiled forward."""
 
 
-# fp32 lin1 + GELU fused only from this input width up: measured 4-5% faster on ViT-B's encoder (768 wide), 3%
-# slower on SlimSAM-77's (168 wide), where oneDNN's fp32 product loses to MKL's; bf16 gained on both
+# fp32 lin1 + GELU fused only from this input width up: below it oneDNN's fp32 product loses to MKL's (SlimSAM-77,
+# 168 wide); bf16 gains at every width (benchmarks/RESULTS.md)
 FUSE_FP32_MIN_WIDTH = 512
 
 
@@ -235,8 +234,8 @@ _LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.m
 class FastSamMLPBlock(SamMLPBlock):
     """The image encoder's MLP with ``lin1`` and GELU as one oneDNN primitive in CPU inference.
 
-    The separate GELU pass over the 4 x wider hidden activations measured 25-35% of the MLP's first half
-    (ViT-B at 1024, fp32 and bf16). The fused path needs no gradients, a plain ``nn.Linear`` lin1 (an adapter
+    The separate GELU pass over the 4 x wider hidden activations is a large share of the MLP's first half
+    (benchmarks/RESULTS.md). The fused path needs no gradients, a plain ``nn.Linear`` lin1 (an adapter
     or a 4-bit layer there takes the original path; merged adapters are plain again) and exact GELU.
     """
 
