@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 from torch.utils.data import DataLoader
-from transformers import get_scheduler
 
 from samtune.config import Config, ConfigError
 from samtune.data.coco import CocoInstanceDataset
@@ -138,6 +137,8 @@ def count_steps(config: Config, batches_per_epoch: int, processes: int, trains_a
 
 
 def build_scheduler(config: Config, optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler  # here, not at import: it pulls in peft and bitsandbytes (slow, noisy)
+
     return get_scheduler(
         _SCHEDULES[config.train.scheduler],
         optimizer,
