@@ -1,6 +1,7 @@
 """How samtune scores a model, in one place: the forward pass, per-instance IoU / F1 at the original
-resolution, their aggregation, and COCO AP. Training-time validation, ``samtune.evaluate`` and
-``samtune.predict`` all go through these functions.
+resolution, their aggregation, and COCO AP. Training-time validation and ``samtune.evaluate`` score through
+these functions, so the same weights on the same split give the same numbers in both; ``samtune.predict``
+writes its masks with ``encode_rle``.
 """
 
 from __future__ import annotations
