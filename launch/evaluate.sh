@@ -7,11 +7,11 @@ cd "$(dirname "$0")/.."
 [ $# -ge 4 ] || { sed -n '2,4p' "$0"; exit 2; }
 base=$1 weights=$2 annotations=$3 images=$4
 shift 4
-python=python3
-[ -x .venv/bin/python ] && python=.venv/bin/python
+samtune=samtune
+[ -x .venv/bin/samtune ] && samtune=.venv/bin/samtune
 if [ -f "$weights/adapter_config.json" ]; then
-  exec "$python" -m samtune.evaluate --model "$base" --adapter "$weights" --compare-base \
+  exec "$samtune" evaluate --model "$base" --adapter "$weights" --compare-base \
     --annotations "$annotations" --images "$images" "$@"
 fi
-exec "$python" -m samtune.evaluate --model "$weights" --baseline "$base" --annotations "$annotations" \
+exec "$samtune" evaluate --model "$weights" --baseline "$base" --annotations "$annotations" \
   --images "$images" "$@"

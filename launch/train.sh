@@ -9,4 +9,4 @@ experiment=${2:-samtune/demo/run.yaml}
 shift $(( $# > 2 ? 2 : $# ))
 launcher=accelerate
 [ -x .venv/bin/accelerate ] && launcher=.venv/bin/accelerate
-exec "$launcher" launch --config_file "$accel" samtune/train.py --config "$experiment" "$@"
+exec "$launcher" launch --config_file "$accel" -m samtune.train --config "$experiment" "$@"

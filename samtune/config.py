@@ -16,6 +16,8 @@ from typing import Literal, get_args, get_origin
 
 import yaml
 
+from samtune.errors import UserError
+
 Method = Literal["lora", "dora", "qlora", "qdora", "full", "decoder", "none"]
 ADAPTER_METHODS = ("lora", "dora", "qlora", "qdora")
 QUANTISED_METHODS = ("qlora", "qdora")  # adapters on a 4-bit (NF4) base
@@ -132,10 +134,17 @@ class Config:
     peft: PeftConfig = field(default_factory=PeftConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    output_dir: str = knob("runs/demo", "run folder: resolved config, metrics, TensorBoard events, checkpoints")
+    output_dir: str = knob(
+        "", "run folder: resolved config, metrics, TensorBoard events, checkpoints; empty: runs/<UTC date-time>"
+    )
+    overwrite: bool = knob(
+        False,
+        "start a new run in output_dir even if it holds another run (that run's checkpoints, weights and logs are "
+        "removed; an embedding cache is kept)",
+    )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that does not fit the schema, or knobs that contradict each other."""
 
 
@@ -251,12 +260,36 @@ def load_config(*files: str | Path | None, overrides: dict[str, object] | None =
     return config
 
 
-def _pairs_given_together(data: DataConfig) -> None:
-    for split in ("train", "val", "test"):  # an empty annotation file turns a split off, whatever its images say
-        if getattr(data, f"{split}_annotations") and not getattr(data, f"{split}_images"):
-            raise ConfigError(f"data.{split}_annotations is given without data.{split}_images (the image folder)")
-    if (data.val_annotations or data.test_annotations) and not data.train_annotations:
-        raise ConfigError("data.val_* / data.test_* are given without data.train_annotations")
+SETUP_KEYS = ("model.name_or_path", *(f"data.{split}_{part}" for split in ("train", "val", "test")
+                                     for part in ("annotations", "images")))  # fmt: skip
+
+
+def is_demo(config: Config) -> bool:
+    """Neither a model nor any data given: the built-in demo fills them in."""
+    return not any(_get(config, key) for key in SETUP_KEYS)
+
+
+def _get(config: Config, key: str) -> object:
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def _complete_setup(config: Config) -> None:
+    """Either nothing (the demo) or a model, a training split and whole val / test splits: never half of one."""
+    if is_demo(config):
+        return
+    missing = [key for key in ("model.name_or_path", "data.train_annotations", "data.train_images")
+               if not _get(config, key)]  # fmt: skip
+    for split in ("val", "test"):
+        pair = (f"data.{split}_annotations", f"data.{split}_images")
+        if any(_get(config, key) for key in pair):
+            missing += [key for key in pair if not _get(config, key)]
+    if missing:
+        given = ", ".join(key for key in SETUP_KEYS if _get(config, key))
+        raise ConfigError(
+            f"{' and '.join(missing)} not given (given: {given}): a run needs a model and a training split (COCO "
+            "file and image folder), and each val / test split both its files; give none of them for the demo"
+        )
 
 
 # (key, rule that must hold, what the rule is) for single knobs whose type alone does not say enough.
@@ -291,7 +324,7 @@ def validate(config: Config) -> None:
         if not holds(config):
             section, name = key.split(".")
             raise ConfigError(f"{key} must be {rule}, got {getattr(getattr(config, section), name)!r}")
-    _pairs_given_together(config.data)
+    _complete_setup(config)
     if config.train.early_stopping and config.data.train_annotations and not config.data.val_annotations:
         raise ConfigError("train.early_stopping needs a validation split (data.val_annotations)")
 
@@ -326,12 +359,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with sections model, peft, data, train (command-line keys win)")
     defaults = Config()
     for key, owner, f in _leaf_fields(defaults):
+        kind = _field_types(owner)[f.name]
+        flag = {"nargs": "?", "const": "true"} if kind is bool else {}  # --overwrite alone means true
         parser.add_argument(
             f"--{key}",
             dest=key,
             default=argparse.SUPPRESS,
-            metavar=_metavar(_field_types(owner)[f.name]),
+            metavar=_metavar(kind),
             help=f"{f.metadata.get('help', '')} (default: {getattr(owner, f.name)!r})",
+            **flag,
         )
     return parser
 

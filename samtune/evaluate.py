@@ -28,6 +28,7 @@ from samtune.config import DataConfig, PromptMode
 from samtune.data.batch import to_device
 from samtune.data.coco import SKIP_REASONS, CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, make_loader
+from samtune.errors import run_command
 from samtune.evaluation import aggregate, coco_metrics, detections, sam_forward, score_loader
 from samtune.models.fast_encoder import uses_fast_encoder
 from samtune.models.loading import load_trained
@@ -134,15 +135,16 @@ def format_table(columns: dict[str, dict]) -> str:
     """Metrics as percentages, one column per evaluated model."""
     names = list(columns)
     width = max(14, *(len(n) + 2 for n in names))
-    lines = [f"{'':<16}" + "".join(f"{n:>{width}}" for n in names)]
+    categories = sorted({c for n in names for c in columns[n]["per_category"]})
+    label = max(16, *(len(category) + 4 for category in categories)) if categories else 16  # long names align
+    lines = [f"{'':<{label}}" + "".join(f"{n:>{width}}" for n in names)]
     keys = ["mIoU", "mF1", "mIoU_image", "mF1_image"] + (["AP", "AP50", "AP75"] if "coco" in columns[names[0]] else [])
     for key in keys:
         cells = [columns[n].get("coco", {}).get(key, columns[n].get(key)) for n in names]
-        lines.append(f"{key:<16}" + "".join(f"{100 * c:>{width}.2f}" for c in cells))
-    categories = sorted({c for n in names for c in columns[n]["per_category"]})
+        lines.append(f"{key:<{label}}" + "".join(f"{100 * c:>{width}.2f}" for c in cells))
     for category in categories:
         cells = [columns[n]["per_category"].get(category, {}).get("mIoU", float("nan")) for n in names]
-        lines.append(f"{'  ' + category:<16}" + "".join(f"{100 * c:>{width}.2f}" for c in cells))
+        lines.append(f"{'  ' + category:<{label}}" + "".join(f"{100 * c:>{width}.2f}" for c in cells))
     first = columns[names[0]]
     latency = first["latency"]
     lines.append(
@@ -225,4 +227,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    sys.exit(run_command(main, prog="samtune evaluate"))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from samtune.errors import UserError, run_command
 from samtune.models.loading import is_adapter_folder, load_sam, merge_adapter
 
 
@@ -128,11 +129,14 @@ def main(argv: list[str] | None = None) -> Path:
         processor.save_pretrained(args.out)
         out, base = args.out, args.base or str(source)
     else:
-        sys.exit(f"{source}: neither a PEFT adapter folder (adapter_config.json) nor a SamModel folder (config.json)")
+        raise UserError(
+            f"--adapter {source}: neither a PEFT adapter folder (adapter_config.json) nor a model folder "
+            "(config.json); give a run's best/ or final/"
+        )
     (out / "README.md").write_text(model_card(run_folder_of(source), base, source))
     print(f"exported {source} (base {base}) to {out}")
     return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, prog="samtune export"))

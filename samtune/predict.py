@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from samtune import inference
 from samtune.data.images import read_rgb
+from samtune.errors import UserError, run_command
 from samtune.evaluation import encode_rle
 from samtune.models.loading import load_trained
 from samtune.visualize import paint
@@ -40,33 +43,47 @@ def list_images(path: Path) -> list[tuple[str, Path]]:
     return [(str(p.relative_to(path)), p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise UserError(f"{path}: cannot read it: {error.strerror or error}") from error
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
+
+
 def read_prompts(path: Path) -> dict[str, dict]:
     """{file_name: {"boxes": [...], "points": [...]}} from the small prompt JSON."""
-    data = json.loads(path.read_text())
+    data = _read_json(path)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object mapping file names to prompts")
+        raise UserError(f"{path}: expected an object mapping file names to prompts")
     out = {}
     for name, value in data.items():
         value = {"boxes": value} if isinstance(value, list) else value
         if not isinstance(value, dict) or not set(value) <= {"boxes", "points"}:
-            raise ValueError(f"{path}: prompts of {name!r} must be a list of boxes or {{'boxes', 'points'}}")
+            raise UserError(f"{path}: prompts of {name!r} must be a list of boxes or {{'boxes', 'points'}}")
         for box in value.get("boxes", []):
             if len(box) != 4 or box[2] < box[0] or box[3] < box[1]:
-                raise ValueError(f"{path}: {name!r}: box {box} is not [x0, y0, x1, y1] with x0 <= x1, y0 <= y1")
+                raise UserError(f"{path}: {name!r}: box {box} is not [x0, y0, x1, y1] with x0 <= x1, y0 <= y1")
         for point in value.get("points", []):
             if len(point) != 2:
-                raise ValueError(f"{path}: {name!r}: point {point} is not [x, y]")
+                raise UserError(f"{path}: {name!r}: point {point} is not [x, y]")
         out[name] = value
     return out
 
 
 def prompts_from_coco(path: Path) -> tuple[dict[str, dict], dict[str, int], dict[str, list[int]]]:
     """Boxes from a COCO file's bbox fields, with image ids and category ids to carry into the results."""
-    data = json.loads(path.read_text())
-    names = {image["id"]: image["file_name"] for image in data["images"]}
+    data = _read_json(path)
+    try:
+        names = {image["id"]: image["file_name"] for image in data["images"]}
+    except (KeyError, TypeError) as error:
+        raise UserError(f"{path}: every entry of 'images' needs 'id' and 'file_name' ({error!r})") from error
     prompts: dict[str, dict] = {name: {"boxes": []} for name in names.values()}
     categories: dict[str, list[int]] = {name: [] for name in names.values()}
     for ann in data.get("annotations", []):
+        if "bbox" not in ann or ann.get("image_id") not in names:
+            raise UserError(f"{path}: annotation {ann.get('id')} needs a 'bbox' and the id of an image in the file")
         x, y, w, h = ann["bbox"]
         name = names[ann["image_id"]]
         prompts[name]["boxes"].append([x, y, x + max(w - 1, 0), y + max(h - 1, 0)])  # inclusive corners
@@ -173,8 +190,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
 
     autocast = inference.autocast(args.device, args.precision)
-    model, processor = load_trained(args.model, args.adapter, fast_encoder=args.fast_encoder, compile=args.compile)
-    model.to(args.device)
     image_ids, categories = {}, {}
     prompts = None
     if args.prompts:
@@ -182,13 +197,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elif args.coco:
         prompts, image_ids, categories = prompts_from_coco(args.coco)
     files = list_images(args.images)
+    if not files:
+        raise UserError(f"--images {args.images}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if prompts is not None:
         missing = sorted(set(prompts) - {name for name, _ in files})
         if missing:
-            raise FileNotFoundError(f"prompts name images not under {args.images}: {', '.join(missing[:5])}")
+            raise UserError(f"prompts name images not under {args.images}: {', '.join(missing[:5])}")
         files = [(name, path) for name, path in files if name in prompts]
+    # the inputs are checked: now the model (slow for large ones)
+    model, processor = load_trained(args.model, args.adapter, fast_encoder=args.fast_encoder, compile=args.compile)
+    model.to(args.device)
     results = []
-    for number, (name, path) in enumerate(files, start=1):
+    for number, (name, path) in enumerate(tqdm(files, desc="predict", unit="image"), start=1):
         image = read_rgb(path)
         if prompts is None:
             with autocast:
@@ -231,4 +251,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, prog="samtune predict"))

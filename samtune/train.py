@@ -1,9 +1,11 @@
 """Fine-tune a SAM checkpoint on COCO instance masks.
 
-    accelerate launch samtune/train.py [--config FILE.yaml] [--section.key value ...]
+    samtune train [--config FILE.yaml] [--section.key value ...]
+    accelerate launch [--multi_gpu ...] -m samtune.train [...]      (or accelerate launch samtune/train.py)
 
-With no data or model given it runs the built-in offline demo (a small SAM and
-synthetic shapes, made on first use). Every key is listed below with its default.
+With neither a model nor any data given it runs the built-in offline demo (a small SAM and synthetic shapes,
+made on first use); otherwise it needs a model and a training split. Every key is listed below with its
+choices and default; boolean keys alone mean true (--overwrite).
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: put the repository, not samtune/, on the path
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from samtune.config import Config, parse_args
+from samtune.config import Config, is_demo, parse_args
 from samtune.demo.assets import RUN_CONFIG
+from samtune.errors import run_command
 from samtune.training.run import StopSignals, TrainingRun
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
-    """The run's config; with neither model nor training data given, the demo's settings under the user's keys."""
+    """The run's config; with neither a model nor any data given, the demo's settings under the user's keys."""
     config = parse_args(argv, description=__doc__)
-    if not config.model.name_or_path and not config.data.train_annotations:
+    if is_demo(config):
         config = parse_args(argv, description=__doc__, defaults_file=RUN_CONFIG)
     return config
 
@@ -30,9 +33,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def train(config: Config) -> dict:
     """Train as ``config`` says; returns the results (also written to ``output_dir/results.json``)."""
     run = TrainingRun(config)  # accelerator, model, data, cache, optimizer, run folder
-    run.begin()  # resume, or score the starting weights
     with StopSignals(run.accelerator) as signals:
-        for batch in run.batches():
+        run.begin()  # resume, or score the starting weights
+        run.check_signals(signals)
+        for batch in [] if run.done else run.batches():
             if not run.train_step(batch):  # forward, loss, backward; an optimizer step every grad_accum batches
                 continue
             run.after_step(signals)  # log, validate and keep the best, checkpoint, stop?
@@ -49,4 +53,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, prog="samtune train"))

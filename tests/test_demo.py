@@ -8,7 +8,7 @@ import pytest
 import yaml
 from transformers import SamModel, SamProcessor
 
-from samtune.config import load_config
+from samtune.config import ConfigError, load_config
 from samtune.data.coco import CocoIndex
 from samtune.demo import assets
 from samtune.demo.domains import MIN_VISIBLE_PIXELS, TARGET_CATEGORIES, DomainSpec, make_domain_coco, render
@@ -99,8 +99,10 @@ def test_the_demo_settings_apply_only_to_the_demo_and_under_the_users_keys():
     config = parse_config([])
     assert config.peft.method == settings["peft"]["method"] and config.train.lr == settings["train"]["lr"]
     assert parse_config(["--train.lr", "0.5"]).train.lr == 0.5
-    own_data = parse_config(["--data.train_annotations", "a.json", "--data.train_images", "img"])
-    assert own_data.train.lr == 1e-4  # a user's own run keeps samtune's general defaults
+    own = parse_config(["--model.name_or_path", "m", "--data.train_annotations", "a.json", "--data.train_images", "i"])
+    assert own.train.lr == 1e-4 and own.output_dir == ""  # a user's own run: samtune's general defaults
+    with pytest.raises(ConfigError, match="model.name_or_path not given"):  # data alone is half a setup
+        parse_config(["--data.train_annotations", "a.json", "--data.train_images", "img"])
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from peft import PeftModel
 from transformers import SamModel
 
 from samtune.config import ConfigError, ModelConfig, PeftConfig, load_config
+from samtune.errors import UserError
 from samtune.models.loading import base_model, build_model, load_trained, merge_adapter, save_trained
 from samtune.models.methods import ModelConfigError, target_regex
 
@@ -214,7 +215,7 @@ def test_export_cli_uses_the_recorded_base(tiny_sam_dir, tmp_path):
     out = export(["--adapter", str(adapter), "--out", str(tmp_path / "merged")])
     for got, want in zip(_outputs(SamModel.from_pretrained(out), inputs), _outputs(model, inputs)):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
-    with pytest.raises(SystemExit, match="neither a PEFT adapter folder"):
+    with pytest.raises(UserError, match="neither a PEFT adapter folder"):
         export(["--adapter", str(tmp_path), "--out", str(tmp_path / "x")])
 
 

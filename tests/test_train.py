@@ -22,6 +22,7 @@ from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 from samtune.train import main, train
 
 REPO = Path(__file__).resolve().parent.parent
+NO_VAL = {"data.val_annotations": "", "data.val_images": ""}  # a run without a validation split
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +220,7 @@ def test_checkpoints_are_pruned_and_partial_ones_ignored(tmp_path, splits, tiny_
             "train.max_steps": 6,
             "train.save_every": 2,
             "train.keep_checkpoints": 2,
-            "data.val_annotations": "",
+            **NO_VAL,
         },
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
@@ -245,7 +246,7 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, splits, tiny_sa
 
     monkeypatch.setattr(train_module, "batch_loss", sometimes_nan)
     out = tmp_path / "run"
-    results = _run(splits, tiny_sam_dir, out, **{"peft.method": "decoder", "data.val_annotations": ""})
+    results = _run(splits, tiny_sam_dir, out, **{"peft.method": "decoder", **NO_VAL})
     summary = json.loads((out / "results.json").read_text())
     assert summary["nonfinite_steps"] == 2 and summary["steps"] == 4 and not results["interrupted"]
 
@@ -258,7 +259,7 @@ def test_nonfinite_losses_skip_steps_then_stop_the_run(tmp_path, splits, tiny_sa
             splits,
             tiny_sam_dir,
             tmp_path / "bad",
-            **{"peft.method": "decoder", "data.val_annotations": "", "train.max_nonfinite": 3},
+            **{"peft.method": "decoder", **NO_VAL, "train.max_nonfinite": 3},
         )
 
 
@@ -340,7 +341,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(args, processes=1, **popen):
+def _launch(args, processes=1, module=False, **popen):
+    """accelerate launch of samtune/train.py (or, with ``module``, of -m samtune.train: both are documented)."""
     command = [
         sys.executable,
         "-m",
@@ -356,7 +358,8 @@ def _launch(args, processes=1, **popen):
     ]
     command += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([*command, str(REPO / "samtune" / "train.py"), *args], env=env, cwd=REPO, **popen)
+    script = ["-m", "samtune.train"] if module else [str(REPO / "samtune" / "train.py")]
+    return subprocess.Popen([*command, *script, *args], env=env, cwd=REPO, **popen)
 
 
 @pytest.mark.slow
@@ -400,10 +403,12 @@ def test_sigterm_leaves_a_checkpoint_to_resume_from(tmp_path, splits, tiny_sam_d
         splits,
         tiny_sam_dir,
         out,
-        **{"peft.method": "decoder", "train.max_steps": 100000, "train.save_every": 5, "data.val_annotations": ""},
+        **{"peft.method": "decoder", "train.max_steps": 100000, "train.save_every": 5, **NO_VAL},
     )
     # a new process group, signalled as a whole: what Slurm, Kubernetes or a Ctrl-C in a terminal do
-    process = _launch(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = _launch(
+        args, module=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + 120
     while not list((out / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -435,7 +440,7 @@ def test_every_epoch_draws_new_prompts(tmp_path, splits, tiny_sam_dir, monkeypat
         splits,
         tiny_sam_dir,
         tmp_path / "run",
-        **{"peft.method": "decoder", "train.max_steps": 0, "train.epochs": 2, "data.val_annotations": ""},
+        **{"peft.method": "decoder", "train.max_steps": 0, "train.epochs": 2, **NO_VAL},
     )
     half = len(seen) // 2
     assert seen[:half] == [0] * half and seen[half:] == [1] * half

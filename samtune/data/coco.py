@@ -21,6 +21,7 @@ from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from samtune.data.images import ImageReadError, displayed_size, orient_mask, probe, read_rgb
+from samtune.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ SKIP_REASONS = {
 }
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(UserError):
     """The annotation file or an image it names is not usable; the message says where and why."""
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from samtune.errors import UserError
+
 EXIF_ORIENTATION = 0x0112
 # Orientations 5-8 turn the image by 90 degrees, so the displayed size is the stored size swapped.
 SWAPS_SIDES = {5, 6, 7, 8}
@@ -22,7 +24,7 @@ ORIENTATION_TRANSPOSE = {
 }
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError):
     """An image file that cannot be read or decoded."""
 
 

@@ -7,6 +7,7 @@ folders people load with ``PeftModel.from_pretrained`` / ``SamModel.from_pretrai
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -49,11 +50,42 @@ def _disable_cpu_bf16_kernels(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def load_sam(spec: ModelConfig, quantise: bool = False) -> tuple[SamModel, SamProcessor]:
+def _looks_local(name: str) -> bool:
+    """A path rather than a hub id ("org/name"): absolute, relative with ./ or ~, or more than one slash."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+@contextlib.contextmanager
+def _loading(key: str, name: str):
+    """Loading failures the user can fix (a missing folder, an unknown hub id, no network) as one clear line."""
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise ModelConfigError(f"{key} {name}: no such file or folder")
+    try:
+        yield
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelConfigError(f"{key} {name!r} does not load: {first}") from error
+
+
+def load_sam(
+    spec: ModelConfig, quantise: bool = False, key: str = "model.name_or_path"
+) -> tuple[SamModel, SamProcessor]:
     """Model and processor from one hub id, local SamModel folder, or original segment-anything checkpoint.
 
-    ``quantise`` loads the base in 4 bits (NF4) through bitsandbytes.
+    ``quantise`` loads the base in 4 bits (NF4) through bitsandbytes; ``key`` is how errors name the model.
     """
+    with _loading(key, spec.name_or_path):
+        model, processor = _load_sam(spec, quantise)
+    if spec.fast_encoder:  # before PEFT wraps anything: only the encoder's attention / MLP classes change
+        enable_fast_encoder(model)
+    if spec.compile:
+        # in place (nn.Module.compile): parameter names and state-dict keys stay SamModel's; traced at the first
+        # call, so adapters injected after this are compiled too
+        model.vision_encoder.compile(backend=spec.compile)
+    return model, processor
+
+
+def _load_sam(spec: ModelConfig, quantise: bool) -> tuple[SamModel, SamProcessor]:
     if is_original_checkpoint(spec.name_or_path):
         if quantise:
             raise ModelConfigError(
@@ -70,12 +102,6 @@ def load_sam(spec: ModelConfig, quantise: bool = False) -> tuple[SamModel, SamPr
         if quantise and not torch.cuda.is_available():
             _disable_cpu_bf16_kernels(model)
         processor = SamProcessor.from_pretrained(spec.name_or_path)
-    if spec.fast_encoder:  # before PEFT wraps anything: only the encoder's attention / MLP classes change
-        enable_fast_encoder(model)
-    if spec.compile:
-        # in place (nn.Module.compile): parameter names and state-dict keys stay SamModel's; traced at the first
-        # call, so adapters injected after this are compiled too
-        model.vision_encoder.compile(backend=spec.compile)
     return model, processor
 
 
@@ -131,10 +157,12 @@ def load_trained(
 ):
     """A trained model for inference: base SamModel (+ adapter folder), in full precision."""
     spec = ModelConfig(str(base), attn_implementation=attn_implementation, fast_encoder=fast_encoder, compile=compile)
-    model, processor = load_sam(spec)
+    model, processor = load_sam(spec, key="--model")
     if adapter:
         from peft import PeftModel
 
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise ModelConfigError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, str(adapter))
         if (Path(adapter) / "processor_config.json").exists():
             processor = SamProcessor.from_pretrained(adapter)

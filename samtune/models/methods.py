@@ -12,6 +12,7 @@ import sys
 import torch
 
 from samtune.config import ADAPTER_METHODS, QUANTISED_METHODS, PeftConfig
+from samtune.errors import UserError
 
 _ENCODER_ATTN = r"vision_encoder\.layers\.\d+\.attn\.(qkv|proj)"
 _ENCODER_MLP = r"vision_encoder\.layers\.\d+\.mlp\.(lin1|lin2)"
@@ -34,7 +35,7 @@ TRAIN_MODULE_PRESETS = {
 }
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UserError):
     """A model / method combination that cannot work, caught before any weight is loaded."""
 
 

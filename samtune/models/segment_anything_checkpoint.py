@@ -12,7 +12,9 @@ Convert once, to a SamModel folder:
 from __future__ import annotations
 
 import argparse
+import pickle
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -25,6 +27,7 @@ from transformers import (
     SamVisionConfig,
 )
 
+from samtune.errors import UserError, run_command
 from samtune.models.architectures import processor_for
 
 # Renames from the original module tree to transformers' (applied in order, as substrings).
@@ -57,6 +60,10 @@ _RENAMES = [
 _MLP = re.compile(r"(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.(\d+)\.")
 # Decoder transformer norms: norm1..norm4 -> layer_norm1..4.
 _DECODER_NORM = re.compile(r"(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.")
+
+
+class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
+    """A checkpoint that would run pickled code to load."""
 
 
 def is_original_checkpoint(path: str) -> bool:
@@ -135,7 +142,16 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0]
+        raise UnsafeCheckpointError(
+            f"{path}: not a checkpoint of tensors alone, refused (read with weights_only=True, which runs no "
+            f"pickled code): {first}"
+        ) from error
     for key in ("model", "state_dict"):  # training checkpoints wrap the weights
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -145,7 +161,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_original_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> tuple[SamModel, SamProcessor]:
     state = read_state_dict(path)
     if "image_encoder.patch_embed.proj.weight" not in state:
-        raise ValueError(f"{path}: not a segment-anything checkpoint (no image_encoder.patch_embed.proj.weight)")
+        raise UserError(f"{path}: not a segment-anything checkpoint (no image_encoder.patch_embed.proj.weight)")
     config = config_from_state_dict(state)
     config._attn_implementation = attn_implementation
     model = SamModel(config)
@@ -153,7 +169,7 @@ def load_original_checkpoint(path: str | Path, attn_implementation: str = "sdpa"
         convert_state_dict(state, config.mask_decoder_config.iou_head_depth), strict=False
     )
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not fit SamModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise UserError(f"{path}: weights do not fit SamModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval(), processor_for(config)
 
 
@@ -169,4 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main, prog="samtune convert"))

@@ -20,7 +20,7 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from samtune.checkpointing import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
-from samtune.config import MIXED_KINDS, Config, flat_values, save_config
+from samtune.config import MIXED_KINDS, Config, flat_values
 from samtune.data.batch import SamBatch
 from samtune.data.dataset import Split
 from samtune.data.prompts import keep_prompt_kind
@@ -29,6 +29,7 @@ from samtune.losses import InstanceLoss, batch_loss
 from samtune.models.loading import build_model, load_saved_weights, save_trained
 from samtune.models.methods import format_report, parameter_report
 from samtune.training import report
+from samtune.training.folder import check_output_dir, start_output_dir
 from samtune.training.setup import (
     build_cache,
     build_data,
@@ -99,9 +100,7 @@ class TrainingRun:
             fill_demo_defaults(config)
         self.out = Path(config.output_dir)
         self.resume_from = resolve_resume(train.resume_from, self.out)
-        if accelerator.is_main_process:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.out / "config.yaml")
+        check_output_dir(self.out, config, self.resume_from)
         set_seed(train.seed)
         model, self.processor = build_model(config.model, config.peft)
         self.parameters = parameter_report(model)
@@ -118,6 +117,9 @@ class TrainingRun:
             model, optimizer, self.data.train_loader, scheduler
         )
         self.eval_loaders = {split: accelerator.prepare(loader) for split, loader in self.data.eval_loaders.items()}
+        if accelerator.is_main_process:  # only now: a run whose model or data fail to load leaves nothing behind
+            start_output_dir(self.out, config, fresh=self.resume_from is None)
+        accelerator.wait_for_everyone()
         accelerator.init_trackers("tensorboard", config=flat_values(config))
         self.tracker = accelerator.get_tracker("tensorboard") if accelerator.is_main_process else None
         self.loss_fn = InstanceLoss(train.dice_weight, train.focal_weight, train.iou_weight)
@@ -260,12 +262,17 @@ class TrainingRun:
                     self.stop_reason = f"early stopping: no better val mIoU in {train.early_stopping} evaluations"
         if train.save_every and step % train.save_every == 0:
             save_checkpoint(self.accelerator, self.state, self.out, train.keep_checkpoints)
-        if signals.requested():
-            self.stop_reason = f"signal {signal.Signals(signals.signal).name if signals.signal else 'on another rank'}"
-        elif train.stop_at and self.total_steps > step >= train.stop_at:
+        self.check_signals(signals)
+        if not self.stop_reason and train.stop_at and self.total_steps > step >= train.stop_at:
             self.stop_reason = f"train.stop_at {train.stop_at}"
         if step >= self.total_steps and not self.stop_reason:  # the last epoch, whole or cut short by max_steps
             self.state.epoch_seconds.append(time.perf_counter() - self.epoch_started)
+
+    def check_signals(self, signals: StopSignals) -> None:
+        """A SIGTERM / SIGINT on any process stops every process here (a step boundary, or after the first
+        evaluations)."""
+        if signals.requested():
+            self.stop_reason = f"signal {signal.Signals(signals.signal).name if signals.signal else 'on another rank'}"
 
     @property
     def done(self) -> bool:

@@ -8,14 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from torch.utils.data import DataLoader
 
-from samtune.config import Config, ConfigError
+from samtune.config import Config, ConfigError, is_demo
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, Split, make_loader
 from samtune.demo.assets import prepare_demo
 from samtune.embedding_cache import EmbeddingCache, estimate_bytes, why_not_cacheable
+from samtune.training.folder import choose_output_dir
 
 logger = logging.getLogger("samtune.train")
 # transformers' "constant" ignores warm-up; samtune's constant schedule is constant after it
@@ -23,10 +24,14 @@ _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 
 
 def make_accelerator(config: Config) -> Accelerator:
+    """The accelerator, logging, and the run folder's name (``output_dir``, filled in when empty)."""
     train = config.train
+    # no GPU: CPU processes (gloo) even under --multi_gpu, as the 2-process CPU test runs
+    cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    PartialState(cpu=cpu)  # the process group first, so that every process agrees on a generated folder name
+    choose_output_dir(config)
     accelerator = Accelerator(
-        # no GPU: CPU processes (gloo) even under --multi_gpu, as the 2-process CPU test runs
-        cpu=not (torch.cuda.is_available() or torch.backends.mps.is_available()),
+        cpu=cpu,
         gradient_accumulation_steps=train.grad_accum,
         mixed_precision=train.mixed_precision or None,
         log_with="tensorboard",
@@ -42,19 +47,14 @@ def make_accelerator(config: Config) -> Accelerator:
 
 
 def fill_demo_defaults(config: Config) -> None:
-    """Point empty model / data keys at the built-in demo (demo val / test data only with demo training data)."""
-    if config.model.name_or_path and config.data.train_annotations:
+    """With neither a model nor any data given, the shipped demo base and the demo's splits (made on first use)."""
+    if not is_demo(config):
         return
-    demo = prepare_demo()
-    if not config.model.name_or_path:
-        config.model.name_or_path = str(demo.model)
-    if not config.data.train_annotations:
-        data = config.data
-        data.train_annotations, data.train_images = str(demo.train_annotations), str(demo.train_images)
-        if not data.val_annotations:
-            data.val_annotations, data.val_images = str(demo.val_annotations), str(demo.val_images)
-        if not data.test_annotations:
-            data.test_annotations, data.test_images = str(demo.test_annotations), str(demo.test_images)
+    demo, data = prepare_demo(), config.data
+    config.model.name_or_path = str(demo.model)
+    data.train_annotations, data.train_images = str(demo.train_annotations), str(demo.train_images)
+    data.val_annotations, data.val_images = str(demo.val_annotations), str(demo.val_images)
+    data.test_annotations, data.test_images = str(demo.test_annotations), str(demo.test_images)
 
 
 @dataclass
