@@ -28,7 +28,7 @@ from samtune.config import DataConfig, PromptMode
 from samtune.data.batch import to_device
 from samtune.data.coco import SKIP_REASONS, CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, make_loader
-from samtune.errors import run_command
+from samtune.errors import UserError, run_command
 from samtune.evaluation import aggregate, coco_metrics, detections, sam_forward, score_loader
 from samtune.models.fast_encoder import uses_fast_encoder
 from samtune.models.loading import load_trained
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, help="results JSON (COCO results go beside it: *.segm.json)")
     args = parser.parse_args(argv)
 
+    if args.output and not args.output.resolve().parent.is_dir():  # found now, not after the work
+        raise UserError(f"--output {args.output}: its folder {args.output.parent} does not exist")
     source = CocoInstanceDataset(args.annotations, args.images)
     runs = {"fine-tuned" if args.adapter or args.baseline else "model": (args.model, args.adapter)}
     if args.baseline:

@@ -13,6 +13,8 @@ import contextlib
 
 import torch
 
+from samtune.errors import UserError
+
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractContextManager:
     """The context the model calls run in for ``precision`` on ``device``."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
+        raise UserError(f"precision must be one of {tuple(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
     if precision == "fp16" and device.type != "cuda":
-        raise ValueError("--precision fp16 is for GPUs; on a CPU use bf16")
+        raise UserError("--precision fp16 is for GPUs; on a CPU use bf16")
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()

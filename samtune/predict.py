@@ -189,6 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     inference.add_arguments(parser)
     args = parser.parse_args(argv)
 
+    if args.output and not args.output.resolve().parent.is_dir():  # found now, not after the work
+        raise UserError(f"--output {args.output}: its folder {args.output.parent} does not exist")
     autocast = inference.autocast(args.device, args.precision)
     image_ids, categories = {}, {}
     prompts = None

@@ -141,7 +141,7 @@ def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, m
     out = small_demo / "pretrain"
     demo_main(["pretrain", "--output", str(out), "--steps", "2", "--install", "--data.num_workers", "0"])
     record = json.loads((out / "pretraining.json").read_text())
-    assert record["steps"] == 2 and record["command"].startswith("python -m samtune.demo pretrain")
+    assert record["steps"] == 2 and record["command"].startswith("samtune demo pretrain")
     for key in ("source_val_box_mIoU", "source_val_point_mIoU", "target_test_box_mIoU", "target_test_point_mIoU"):
         assert 0 <= record[key] <= 1
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -264,3 +264,21 @@ def test_inference_autocast_runs_products_in_the_asked_precision():
         assert layer(torch.randn(2, 4)).dtype == torch.float32
     with pytest.raises(ValueError, match="precision must be one of"):
         inference.autocast("cpu", "int8")
+
+
+def test_the_table_aligns_long_category_names():
+    from samtune.evaluate import format_table
+
+    def column(miou):
+        return {
+            "mIoU": miou, "mF1": miou, "mIoU_image": miou, "mF1_image": miou, "num_instances": 3, "num_images": 2,
+            "per_category": {"burts_bees_baby_wipes_and_more": {"mIoU": miou}, "can": {"mIoU": miou / 2}},
+            "latency": {"device": "cpu", "batch_size": 1, "image_encoder_ms": {"median": 1.0, "p90": 2.0},
+                        "decoder_ms": {"median": 1.0, "p90": 2.0}},
+        }  # fmt: skip
+
+    lines = format_table({"zero-shot": column(0.25), "fine-tuned": column(0.5)}).splitlines()
+    rows = [line for line in lines if line.rstrip().endswith(("25.00", "50.00", "12.50"))]
+    assert len(rows) == 6  # four metrics, two categories
+    assert len({len(line) for line in [lines[0], *rows]}) == 1  # every number column ends at the same place
+    assert any(line.startswith("  burts_bees_baby_wipes_and_more ") for line in rows)

@@ -1,6 +1,6 @@
 """Pretrain the demo base from random weights on the synthetic source domain, with samtune's own loop.
 
-    python -m samtune.demo pretrain --output runs/demo-pretrain [--seed N] [--steps N] [--install] [--section.key v]
+    samtune demo pretrain --output runs/demo-pretrain [--seed N] [--steps N] [--install] [--section.key v]
 
 Settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps); resumable (the run
 continues from its latest checkpoint). Scores source val and target test with box and point prompts into
@@ -53,7 +53,7 @@ def pretrain(output: str | Path, steps: int | None = None, seed: int = 0, extra:
             )  # fmt: skip
             scores[f"{name}_{prompt}_mIoU"] = metrics["mIoU"]
     record = {
-        "command": f"python -m samtune.demo pretrain --output {output} --seed {seed}"
+        "command": f"samtune demo pretrain --output {output} --seed {seed}"
         + (f" --steps {steps}" if steps else ""),
         "minutes": round(minutes, 1),
         "steps": config.train.max_steps,
@@ -81,8 +81,8 @@ def install(output: str | Path, base_dir: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m samtune.demo prepare | pretrain``: generate the demo splits, or pretrain (and install) the base."""
-    parser = argparse.ArgumentParser(prog="python -m samtune.demo", description=main.__doc__)
+    """Generate the demo's splits (prepare), or pretrain its base again and install it (pretrain)."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("pretrain", help="pretrain the demo base on the source domain (extra: --section.key v)")
     run.add_argument("--output", default="runs/demo-pretrain", help="run folder (resumes if it has checkpoints)")
