@@ -136,11 +136,12 @@ def score_loader(
     """Per-instance records of ``forward`` over a loader (this process's share of it, under accelerate);
     ``on_batch(batch, outputs)`` sees each batch, e.g. to draw overlays."""
     records: list[dict] = []
-    for batch in tqdm(loader, desc="eval", disable=not progress, leave=False):
-        outputs = forward(batch)
-        records += score_batch(outputs, batch, processor, with_rle=with_rle)
-        if on_batch is not None:
-            on_batch(batch, outputs)
+    with tqdm(loader, desc="eval", disable=not progress, leave=False) as batches:  # cleared on errors too
+        for batch in batches:
+            outputs = forward(batch)
+            records += score_batch(outputs, batch, processor, with_rle=with_rle)
+            if on_batch is not None:
+                on_batch(batch, outputs)
     return records
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from monai.losses import FocalLoss, MaskedDiceLoss
 from torch import nn
 
 from samtune.data.batch import SamBatch
@@ -16,6 +15,8 @@ class InstanceLoss(nn.Module):
     """
 
     def __init__(self, dice_weight: float = 1.0, focal_weight: float = 20.0, iou_weight: float = 1.0) -> None:
+        from monai.losses import FocalLoss, MaskedDiceLoss  # here: importing monai takes seconds, --help need not
+
         super().__init__()
         self.dice = MaskedDiceLoss(sigmoid=True, reduction="none")
         self.focal = FocalLoss(reduction="none", use_softmax=False)

@@ -33,7 +33,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
 def train(config: Config) -> dict:
     """Train as ``config`` says; returns the results (also written to ``output_dir/results.json``)."""
     run = TrainingRun(config)  # accelerator, model, data, cache, optimizer, run folder
-    with StopSignals(run.accelerator) as signals:
+    with StopSignals(run.accelerator) as signals, run.progress:
         run.begin()  # resume, or score the starting weights
         run.check_signals(signals)
         for batch in [] if run.done else run.batches():

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -19,7 +18,14 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from samtune.checkpointing import TrainerState, load_checkpoint, resolve_resume, save_checkpoint
+from samtune.checkpointing import (
+    TrainerState,
+    load_for_resume,
+    recover_run_folder,
+    resolve_resume,
+    save_checkpoint,
+    staged_folder,
+)
 from samtune.config import MIXED_KINDS, Config, flat_values
 from samtune.data.batch import SamBatch
 from samtune.data.dataset import Split
@@ -99,6 +105,9 @@ class TrainingRun:
         with accelerator.main_process_first():
             fill_demo_defaults(config)
         self.out = Path(config.output_dir)
+        if accelerator.is_main_process:
+            recover_run_folder(self.out)  # what a killed run left half-replaced (best/, final/, checkpoints)
+        accelerator.wait_for_everyone()
         self.resume_from = resolve_resume(train.resume_from, self.out)
         check_output_dir(self.out, config, self.resume_from)
         set_seed(train.seed)
@@ -130,6 +139,8 @@ class TrainingRun:
         self.step_nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         self.grad_norm: torch.Tensor | float | None = None
         self.epoch_started = time.perf_counter()
+        # the training bar, a context of train(): closed (its line ended) however the run ends, errors included
+        self.progress = tqdm(total=self.total_steps, desc="train", disable=not accelerator.is_local_main_process)
         val = self.eval_loaders.get(Split.VAL)
         opening = report.banner(
             config, accelerator, self.parameters, len(self.data.train_set), len(val.dataset) if val else 0,
@@ -141,8 +152,8 @@ class TrainingRun:
 
     def begin(self) -> None:
         """Resume from a checkpoint, or start a new log and score the starting weights."""
-        if self.resume_from is not None:
-            self.state = load_checkpoint(self.accelerator, self.resume_from)
+        if self.resume_from is not None:  # the newest checkpoint that loads (a broken one is named and skipped)
+            self.resume_from, self.state = load_for_resume(self.accelerator, self.config.train.resume_from, self.out)
             logger.info(
                 "resumed from %s at step %d (epoch %d, batch %d)",
                 self.resume_from, self.state.step, self.state.epoch, self.state.batches_in_epoch,
@@ -157,12 +168,8 @@ class TrainingRun:
             if zero_shot is not None:
                 self.keep_best(zero_shot)  # the starting weights are a candidate too: training may not beat them
             self.score_test("test-zero-shot")
-        self.progress = tqdm(
-            total=self.total_steps,
-            initial=self.state.step,
-            desc="train",
-            disable=not self.accelerator.is_local_main_process,
-        )
+        self.progress.reset(total=self.total_steps)
+        self.progress.update(self.state.step)
         self.model.train()
 
     # ---------------------------------------------------------------- steps
@@ -360,12 +367,9 @@ class TrainingRun:
         state.best_miou, state.best_step, state.evals_without_improvement = metrics["mIoU"], state.step, 0
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            scratch = self.out / ".best.partial"
-            shutil.rmtree(scratch, ignore_errors=True)
-            save_trained(self.accelerator.unwrap_model(self.model), self.processor, scratch)
-            (scratch / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2))
-            shutil.rmtree(self.out / "best", ignore_errors=True)
-            scratch.rename(self.out / "best")
+            with staged_folder(self.out / "best") as scratch:  # a kill leaves the old best/ or the new one
+                save_trained(self.accelerator.unwrap_model(self.model), self.processor, scratch)
+                (scratch / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2))
 
     # ---------------------------------------------------------------- end
 
@@ -375,7 +379,6 @@ class TrainingRun:
 
     def finish(self) -> dict:
         """An interrupted run leaves a checkpoint; a finished one final/, the test scores and results.json."""
-        self.progress.close()
         results: dict = {"interrupted": self.interrupted, "stop_reason": self.stop_reason}
         if self.interrupted:
             path = save_checkpoint(self.accelerator, self.state, self.out, self.config.train.keep_checkpoints)
@@ -417,7 +420,8 @@ class TrainingRun:
         results["best_step"] = state.best_step
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_trained(self.accelerator.unwrap_model(self.model), self.processor, self.out / "final")
+            with staged_folder(self.out / "final") as scratch:
+                save_trained(self.accelerator.unwrap_model(self.model), self.processor, scratch)
         self.accelerator.wait_for_everyone()
         if Split.TEST in self.eval_loaders:
             if state.best_step >= 0 and state.best_step != state.step:
