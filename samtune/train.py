@@ -19,7 +19,6 @@ if __package__ in (None, ""):  # run as a file: put the repository, not samtune/
 from samtune.config import Config, is_demo, parse_args
 from samtune.demo.assets import RUN_CONFIG
 from samtune.errors import run_command
-from samtune.training.run import StopSignals, TrainingRun
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -32,6 +31,8 @@ def parse_config(argv: list[str] | None = None) -> Config:
 
 def train(config: Config) -> dict:
     """Train as ``config`` says; returns the results (also written to ``output_dir/results.json``)."""
+    from samtune.training.run import StopSignals, TrainingRun  # here: torch and transformers load slowly (--help)
+
     run = TrainingRun(config)  # accelerator, model, data, cache, optimizer, run folder
     with StopSignals(run.accelerator) as signals, run.progress:
         run.begin()  # resume, or score the starting weights
