@@ -378,3 +378,216 @@ def test_compiled_encoder_trains_like_plain_sam(tiny_sam_dir):
     compiled = _load(tiny_sam_dir, True, compile="aot_eager")
     assert compiled.vision_encoder._compiled_call_impl is not None
     assert compiled.state_dict().keys() == _load(tiny_sam_dir, False).state_dict().keys()
+
+
+# SAM-HQ: the same ViT under its own generated classes; its encoder also returns the global layers' outputs
+
+
+def _tiny_sam_hq_config():
+    from transformers import SamHQConfig
+    from transformers.models.sam_hq.configuration_sam_hq import (
+        SamHQMaskDecoderConfig,
+        SamHQPromptEncoderConfig,
+        SamHQVisionConfig,
+    )
+
+    vision = SamHQVisionConfig(
+        hidden_size=32,
+        output_channels=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=128,
+        patch_size=16,
+        window_size=3,  # the 8 x 8 grid is not a multiple of 3: padded windows
+        global_attn_indexes=[1],
+        mlp_dim=64,
+        num_pos_feats=16,
+        initializer_range=0.05,
+    )
+    prompt = SamHQPromptEncoderConfig(hidden_size=32, image_size=128, patch_size=16, mask_input_channels=4)
+    decoder = SamHQMaskDecoderConfig(
+        hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32, vit_dim=32
+    )
+    return SamHQConfig(
+        vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder, initializer_range=0.2
+    )
+
+
+@pytest.fixture(scope="module")
+def sam_hq_dir(tmp_path_factory):
+    from transformers import SamHQModel
+
+    folder = tmp_path_factory.mktemp("sam-hq")
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        model = SamHQModel(_tiny_sam_hq_config())
+    _random_rel_pos(model)
+    model.save_pretrained(folder)
+    return folder
+
+
+def _sam_hq(folder, fast_encoder: bool, attn_implementation: str = "sdpa"):
+    from transformers import SamHQModel
+
+    model = SamHQModel.from_pretrained(folder, attn_implementation=attn_implementation)
+    if fast_encoder:
+        assert fast.enable_fast_encoder(model) == 2 * model.config.vision_config.num_hidden_layers
+    return model
+
+
+def _forward_hq(model, inputs) -> list[torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        embeddings, intermediate = model.get_image_embeddings(inputs["pixel_values"])
+        out = model(
+            image_embeddings=embeddings,
+            intermediate_embeddings=intermediate,
+            input_boxes=inputs["input_boxes"],
+            multimask_output=False,
+        )
+    return [embeddings, *intermediate, out.pred_masks, out.iou_scores]
+
+
+@pytest.mark.parametrize(
+    ("attention", "tiles"), [("sdpa", 2**10), ("eager", fast.TILE_ELEMENTS)], ids=["sdpa-small-tiles", "eager"]
+)
+def test_sam_hq_outputs_match_plain(sam_hq_dir, attention, tiles, monkeypatch):
+    monkeypatch.setattr(fast, "TILE_ELEMENTS", tiles)
+    plain, quick = _sam_hq(sam_hq_dir, False, attention), _sam_hq(sam_hq_dir, True, attention)
+    assert fast.uses_fast_encoder(quick) and not fast.uses_fast_encoder(plain)
+    inputs = _inputs(plain)
+    want, got = _forward_hq(plain, inputs), _forward_hq(quick, inputs)
+    # image embedding, one intermediate embedding (global layer 1), masks, IoU
+    assert len(want) == len(got) == 4 and want[1].shape == (2, 8, 8, 32)
+    assert want[0].abs().max() > 1e-2 and want[1].abs().max() > 1e-2 and want[2].std() > 1e-2
+    for g, w in zip(got, want):
+        assert _rel(g, w) < FP32_REL
+
+
+def test_sam_hq_lora_gradients_match_plain(sam_hq_dir, monkeypatch):
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr(fast, "TILE_ELEMENTS", 2**10)
+    grads, losses = [], []
+    for fast_encoder in (False, True):
+        torch.manual_seed(0)
+        targets = r"vision_encoder\.layers\.\d+\.(attn\.(qkv|proj)|mlp\.(lin1|lin2))"
+        model = get_peft_model(_sam_hq(sam_hq_dir, False), LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+        assert fast.fast_encoder_applies(model)  # through the PeftModel wrapper
+        if fast_encoder:  # on the PeftModel: the swap reaches through the wrapper and LoRA's layers
+            assert fast.enable_fast_encoder(model) == 4
+        assert fast.uses_fast_encoder(model) is fast_encoder
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # non-zero B, so the A matrices get gradients too
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+        model.train()
+        out = model(**_inputs(model.base_model.model, seed=2), multimask_output=False)
+        loss = out.pred_masks.sigmoid().mean() + out.iou_scores.mean()
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert len(grads[0]) == 2 * 2 * 4  # A and B of 4 layers in each of the 2 encoder layers
+    _assert_grads_match(grads[1], grads[0], FP32_REL)
+
+
+def test_sam_hq_switch_keeps_modules_and_weights(sam_hq_dir):
+    from transformers.models.sam_hq.modeling_sam_hq import SamHQMLPBlock, SamHQVisionSdpaAttention
+
+    plain, quick = _sam_hq(sam_hq_dir, False), _sam_hq(sam_hq_dir, True)
+    assert fast.fast_encoder_applies(plain) and fast.fast_encoder_applies(quick)
+    assert list(quick.state_dict()) == list(plain.state_dict())
+    assert [n for n, _ in quick.named_modules()] == [n for n, _ in plain.named_modules()]
+    switched = {n: type(m) for n, m in quick.named_modules() if type(m).__name__.startswith("Fast")}
+    assert switched == {
+        **{f"vision_encoder.layers.{i}.attn": fast.FastSamHQVisionSdpaAttention for i in range(2)},
+        **{f"vision_encoder.layers.{i}.mlp": fast.FastSamHQMLPBlock for i in range(2)},
+    }
+    # the HQ mask decoder's MLP blocks (ReLU) stay transformers'
+    assert any(type(m) is SamHQMLPBlock for n, m in quick.named_modules() if n.startswith("mask_decoder."))
+    assert fast.disable_fast_encoder(quick) == 4 and not fast.uses_fast_encoder(quick)
+    assert all(type(quick.get_submodule(n)) in (SamHQVisionSdpaAttention, SamHQMLPBlock) for n in switched)
+
+
+# families whose image encoder is not SAM's ViT: the fast encoder does not apply
+
+
+def _tiny_sam2():
+    from transformers import Sam2Config, Sam2Model
+    from transformers.models.sam2.configuration_sam2 import (
+        Sam2HieraDetConfig,
+        Sam2MaskDecoderConfig,
+        Sam2PromptEncoderConfig,
+        Sam2VisionConfig,
+    )
+
+    hiera = Sam2HieraDetConfig(
+        hidden_size=16,
+        num_attention_heads=1,
+        image_size=[128, 128],
+        blocks_per_stage=[1, 1, 2, 1],
+        embed_dim_per_stage=[16, 32, 64, 128],
+        num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[4, 4, 4, 4],
+        global_attention_blocks=[3],
+        window_positional_embedding_background_size=[2, 2],
+    )
+    vision = Sam2VisionConfig(
+        backbone_config=hiera,
+        backbone_channel_list=[128, 64, 32, 16],
+        backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]],
+        fpn_hidden_size=32,
+    )
+    prompt = Sam2PromptEncoderConfig(hidden_size=32, image_size=128, patch_size=16, mask_input_channels=4)
+    decoder = Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+    return Sam2Model(Sam2Config(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder))
+
+
+def _tiny_sam3_tracker():
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+    from transformers.models.sam3.configuration_sam3 import Sam3VisionConfig, Sam3ViTConfig
+    from transformers.models.sam3_tracker.configuration_sam3_tracker import (
+        Sam3TrackerMaskDecoderConfig,
+        Sam3TrackerPromptEncoderConfig,
+    )
+
+    vit = Sam3ViTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=112,
+        patch_size=14,
+        window_size=4,
+        global_attn_indexes=[1],
+        pretrain_image_size=56,
+    )
+    vision = Sam3VisionConfig(
+        backbone_config=vit, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]
+    )
+    prompt = Sam3TrackerPromptEncoderConfig(hidden_size=32, image_size=112, patch_size=14, mask_input_channels=4)
+    decoder = Sam3TrackerMaskDecoderConfig(hidden_size=32, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32)
+    return Sam3TrackerModel(
+        Sam3TrackerConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
+    )
+
+
+@pytest.mark.parametrize("build", [_tiny_sam2, _tiny_sam3_tracker], ids=["sam2", "sam3-tracker"])
+def test_other_families_are_left_alone(build):
+    from peft import LoraConfig, get_peft_model
+
+    model = build()
+    before = [(n, type(m)) for n, m in model.named_modules()]
+    assert not fast.fast_encoder_applies(model)
+    assert fast.enable_fast_encoder(model) == 0 and not fast.uses_fast_encoder(model)
+    assert [(n, type(m)) for n, m in model.named_modules()] == before
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=r".*mask_decoder.*\.q_proj"))
+    assert not fast.fast_encoder_applies(wrapped) and fast.enable_fast_encoder(wrapped) == 0
+
+
+def test_sam_applies_also_wrapped(tiny_sam_dir):
+    model = apply_method(_load(tiny_sam_dir, False), PeftConfig(method="lora", targets="encoder-attn"))
+    assert fast.fast_encoder_applies(model) and not fast.uses_fast_encoder(model)
+    assert fast.enable_fast_encoder(model) == 4 and fast.uses_fast_encoder(model)

@@ -1,5 +1,10 @@
 """A faster SAM image encoder: the same modules, weights and function as transformers' SamModel, less work.
 
+It covers the families whose image encoder is SAM's ViT: SAM (``SamModel``) and SAM-HQ (``SamHQModel``, whose
+encoder also returns the global layers' outputs, unchanged here). SAM2, the SAM3 tracker and EdgeTAM have other
+encoders (Hiera, a RoPE ViT, timm): there ``fast_encoder_applies`` is False and ``enable_fast_encoder`` changes
+nothing.
+
 transformers' ``SamVisionAttention`` adds a decomposed relative-position bias to every attention score:
 ``bias[i, j] = rel_h[i, row(j)] + rel_w[i, col(j)]``. It builds that bias as one float tensor of
 batch x heads x N x N in a permuted layout, copies it into SDPA's layout and hands it to SDPA as a mask. For
@@ -16,7 +21,7 @@ In CPU inference the MLP's ``lin1`` and GELU also run as one oneDNN primitive (n
 
 ``enable_fast_encoder(model)`` swaps the class of each vision attention module, and of each image-encoder MLP
 block, for a subclass that only overrides ``forward``: the module tree, parameter names and state-dict keys
-stay SamModel's, so checkpoints, PEFT targets (``qkv``, ``proj``, ``lin1``, ``lin2``), merging and
+stay transformers', so checkpoints, PEFT targets (``qkv``, ``proj``, ``lin1``, ``lin2``), merging and
 ``save_pretrained`` are unchanged, and the linear layers are still called as submodules (LoRA, DoRA and 4-bit
 layers included; a wrapped ``lin1`` takes the unfused path).
 """
@@ -31,6 +36,12 @@ from transformers.models.sam.modeling_sam import (
     SamVisionAttention,
     SamVisionLayer,
     SamVisionSdpaAttention,
+)
+from transformers.models.sam_hq.modeling_sam_hq import (
+    SamHQMLPBlock,
+    SamHQVisionAttention,
+    SamHQVisionLayer,
+    SamHQVisionSdpaAttention,
 )
 
 try:  # where transformers records attention weights when output_attentions is asked for
@@ -185,10 +196,12 @@ def rel_pos_attention(q, k, v, rel_h, rel_w, scale: float) -> torch.Tensor:
 
 
 class _FastForward:
-    """The forward of SAM's vision attention, computed by ``rel_pos_attention``; everything else inherited."""
+    """The forward of SAM's (and SAM-HQ's, the same code) vision attention, computed by ``rel_pos_attention``;
+    everything else inherited."""
 
     def forward(self, hidden_states: torch.Tensor, output_attentions=None):
-        dropout = self.training and self.dropout > 0 and not isinstance(self, SamVisionSdpaAttention)
+        # the SDPA classes ignore attention dropout (they pass no dropout_p); the eager ones apply it
+        dropout = self.training and self.dropout > 0 and not isinstance(self, _SDPA_ATTENTION)
         if output_attentions or dropout or _attention_weights_requested():
             return super().forward(hidden_states, output_attentions)  # eager weights / dropout: the original
         batch, height, width, _ = hidden_states.shape
@@ -222,6 +235,17 @@ class FastSamVisionSdpaAttention(_FastForward, SamVisionSdpaAttention):
     """SamVisionSdpaAttention with the tiled forward."""
 
 
+class FastSamHQVisionAttention(_FastForward, SamHQVisionAttention):
+    """SamHQVisionAttention (eager) with the tiled forward; attention weights still come from the original."""
+
+
+class FastSamHQVisionSdpaAttention(_FastForward, SamHQVisionSdpaAttention):
+    """SamHQVisionSdpaAttention with the tiled forward."""
+
+
+_SDPA_ATTENTION = (SamVisionSdpaAttention, SamHQVisionSdpaAttention)
+
+
 # fp32 lin1 + GELU fused only from this input width up: below it oneDNN's fp32 product loses to MKL's (SlimSAM-77,
 # 168 wide); bf16 gains at every width (benchmarks/RESULTS.md)
 FUSE_FP32_MIN_WIDTH = 512
@@ -231,7 +255,7 @@ FUSE_FP32_MIN_WIDTH = 512
 _LINEAR_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-class FastSamMLPBlock(SamMLPBlock):
+class _FusedMLP:
     """The image encoder's MLP with ``lin1`` and GELU as one oneDNN primitive in CPU inference.
 
     The separate GELU pass over the 4 x wider hidden activations is a large share of the MLP's first half
@@ -273,16 +297,43 @@ class FastSamMLPBlock(SamMLPBlock):
         return None
 
 
+class FastSamMLPBlock(_FusedMLP, SamMLPBlock):
+    """SamMLPBlock with the fused lin1 + GELU (image encoder only)."""
+
+
+class FastSamHQMLPBlock(_FusedMLP, SamHQMLPBlock):
+    """SamHQMLPBlock with the fused lin1 + GELU (image encoder only)."""
+
+
 _FAST = {
     SamVisionAttention: FastSamVisionAttention,
     SamVisionSdpaAttention: FastSamVisionSdpaAttention,
     SamMLPBlock: FastSamMLPBlock,
+    SamHQVisionAttention: FastSamHQVisionAttention,
+    SamHQVisionSdpaAttention: FastSamHQVisionSdpaAttention,
+    SamHQMLPBlock: FastSamHQMLPBlock,
 }
 _PLAIN = {fast: plain for plain, fast in _FAST.items()}
+# SAM's ViT: its attention (the SDPA classes subclass these) and its layers, whose MLP blocks are the encoder's
+_VIT_ATTENTION = (SamVisionAttention, SamHQVisionAttention)
+_VIT_LAYERS = (SamVisionLayer, SamHQVisionLayer)
+_MLP_BLOCKS = (SamMLPBlock, SamHQMLPBlock)
+
+
+def fast_encoder_applies(model: torch.nn.Module) -> bool:
+    """True when ``model`` (a PeftModel or a bare vision encoder too) has SAM's ViT image encoder: SAM, SAM-HQ.
+
+    False for families with other encoders (SAM2, SAM3 tracker, EdgeTAM): ``enable_fast_encoder`` leaves them as
+    they are and returns 0.
+    """
+    return any(isinstance(module, _VIT_ATTENTION) for module in model.modules())
 
 
 def enable_fast_encoder(model: torch.nn.Module) -> int:
-    """Switch the image encoder's attention and MLP modules in ``model`` to the fast forwards; returns how many."""
+    """Switch the image encoder's attention and MLP modules in ``model`` to the fast forwards; returns how many.
+
+    0, with nothing changed, where the fast encoder does not apply (``fast_encoder_applies`` is False).
+    """
     return _swap(model, _FAST)
 
 
@@ -292,12 +343,12 @@ def disable_fast_encoder(model: torch.nn.Module) -> int:
 
 
 def _swap(model: torch.nn.Module, classes: dict) -> int:
-    # MLP blocks only inside the image encoder's layers: the mask decoder has SamMLPBlocks too
-    encoder_mlps = {id(layer.mlp) for layer in model.modules() if isinstance(layer, SamVisionLayer)}
+    # MLP blocks only inside the image encoder's layers: the mask decoder has Sam(HQ)MLPBlocks too
+    encoder_mlps = {id(layer.mlp) for layer in model.modules() if isinstance(layer, _VIT_LAYERS)}
     count = 0
     for module in model.modules():
         target = classes.get(type(module))
-        if target is None or (isinstance(module, SamMLPBlock) and id(module) not in encoder_mlps):
+        if target is None or (isinstance(module, _MLP_BLOCKS) and id(module) not in encoder_mlps):
             continue
         module.__class__ = target  # no new parameters or buffers: only forward changes
         count += 1
