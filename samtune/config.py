@@ -18,7 +18,7 @@ import yaml
 
 from samtune.errors import UserError
 
-Method = Literal["lora", "dora", "qlora", "qdora", "full", "decoder", "none"]
+Method = Literal["lora", "dora", "qlora", "qdora", "full", "decoder", "hq", "none"]
 ADAPTER_METHODS = ("lora", "dora", "qlora", "qdora")
 QUANTISED_METHODS = ("qlora", "qdora")  # adapters on a 4-bit (NF4) base
 PromptMode = Literal["box", "point", "box+point", "mixed", "none"]
@@ -35,15 +35,20 @@ def knob(default, help: str):  # noqa: A002 - "help" reads best at the call site
 @dataclass
 class ModelConfig:
     name_or_path: str = knob(
-        "", "hub id, local SamModel folder, or original segment-anything .pth; empty: the built-in demo model"
+        "",
+        "hub id or local folder of any SAM family (SAM, SAM-HQ, SAM 2 / 2.1, SAM 3 tracker), or an original "
+        "SAM / MedSAM / SAM-HQ .pth or SAM 2 .pt checkpoint; empty: the built-in demo model",
     )
     attn_implementation: Literal["sdpa", "eager"] = knob("sdpa", "attention kernel")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = knob("float32", "dtype the weights load in")
     gradient_checkpointing: bool = knob(False, "recompute image-encoder activations in backward to save memory")
     fast_encoder: bool = knob(
         True,
-        "image-encoder attention computed tile by tile with the relative-position bias built in cache "
-        "(same weights, modules and outputs as SamModel; faster, less memory); false: transformers' own",
+        "SAM / SAM-HQ image-encoder attention computed tile by tile with the relative-position bias built in "
+        "cache (same weights, modules and outputs; faster, less memory); false: transformers' own",
+    )
+    hq_token_only: bool = knob(
+        False, "SAM-HQ: the mask from the HQ token alone; false: HQ mask added to SAM's (SAM-HQ's default)"
     )
     compile: str = knob(
         "", "torch.compile the image encoder with this backend (inductor: the default compiler); empty: off"
@@ -55,7 +60,7 @@ class PeftConfig:
     method: Method = knob(
         "dora",
         "what trains: lora, dora, qlora, qdora (adapters on a 4-bit base), full (every weight), "
-        "decoder (the mask decoder only), none (zero-shot)",
+        "decoder (the mask decoder only), hq (SAM-HQ: only its HQ token and fusion modules), none (zero-shot)",
     )
     rank: int = knob(8, "adapter rank r")
     alpha: float = knob(16.0, "adapter scale alpha (the update is scaled by alpha / r)")
@@ -66,7 +71,9 @@ class PeftConfig:
         "or a regex matching whole module names",
     )
     train_modules: list[str] = knob(
-        [], "modules trained fully beside adapters (comma-separated names, or the preset decoder-heads)"
+        [],
+        "modules trained fully beside adapters (comma-separated names, or the presets decoder-heads, "
+        "hq: SAM-HQ's HQ token and fusion modules)",
     )
 
 
@@ -113,6 +120,9 @@ class TrainConfig:
     dice_weight: float = knob(1.0, "weight of the Dice loss")
     focal_weight: float = knob(20.0, "weight of the focal loss (SAM's own ratio is 20 : 1 focal : Dice)")
     iou_weight: float = knob(1.0, "weight of the MSE between predicted and true IoU")
+    object_score_weight: float = knob(
+        1.0, "SAM 2 / SAM 3: weight of the object-score BCE (every prompted instance is present, as SAM 2 trains)"
+    )
     seed: int = knob(0, "seed for weights of new layers, data order, instance subsets and prompts")
     mixed_precision: Literal["", "no", "fp16", "bf16"] = knob(
         "", "autocast precision; empty: what accelerate launch was given (default no)"

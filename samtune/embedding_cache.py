@@ -5,7 +5,9 @@ embedding for the same image, and the encoder is nearly all of a step's cost. Th
 the encoder's weights and config, the processor's settings and the image file's bytes, so another model,
 another input size or preprocessing, or an edited image file is a miss, never a stale hit. It lives in
 memory, or as one safetensors file per image in a folder (atomic writes, safe to share between processes and
-runs) when it would not fit.
+runs) when it would not fit. What is cached is everything the family's decoder consumes of the encoder
+(``samtune.models.family.image_features``): one embedding (SAM), plus the global layers' outputs (SAM-HQ), or
+three feature levels before the decoder's own projections (SAM 2 / 3, whose decoder may train them).
 """
 
 from __future__ import annotations
@@ -20,13 +22,16 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from samtune.data.dataset import Split
+from samtune.models.family import base_of, family_of
+
+Features = dict[str, torch.Tensor]
 
 logger = logging.getLogger(__name__)
 
 
 def encoder_fingerprint(model: torch.nn.Module) -> str:
     """Hash of the image encoder's weights, dtype and config (the whole function the cache stands in for)."""
-    encoder = model.get_base_model().vision_encoder if hasattr(model, "get_base_model") else model.vision_encoder
+    encoder = base_of(model).vision_encoder
     digest = hashlib.sha256(encoder.config.to_json_string().encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
@@ -50,12 +55,14 @@ def file_digest(path: Path) -> str:
 
 def why_not_cacheable(model: torch.nn.Module) -> str | None:
     """None when the encoder's output is a fixed function of the image; else the reason it is not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision = base_of(model).config.vision_config
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and "vision_encoder." in n]
     if trainable:
         return f"the image encoder trains ({len(trainable)} tensors, e.g. {trainable[0]})"
-    if base.config.vision_config.attention_dropout:
-        return "the image encoder uses attention dropout in training"
+    for config in (vision, getattr(vision, "backbone_config", None)):
+        for key in ("attention_dropout", "hidden_dropout"):
+            if getattr(config, key, 0):
+                return f"the image encoder uses {key.replace('_', ' ')} in training"
     return None
 
 
@@ -67,7 +74,7 @@ class EmbeddingCache:
         self.folder = Path(folder) / self.prefix if folder else None
         if self.folder:
             self.folder.mkdir(parents=True, exist_ok=True)
-        self.memory: dict[str, torch.Tensor] = {}
+        self.memory: dict[str, Features] = {}
         self.paths: dict[Split, dict[int, Path]] = {}  # per split: image id -> file
         self.digests: dict[Path, str] = {}
         self.hits = self.misses = 0
@@ -82,38 +89,46 @@ class EmbeddingCache:
             self.digests[path] = file_digest(path)
         return self.digests[path]
 
-    def _load(self, key: str) -> torch.Tensor | None:
+    def _load(self, key: str) -> Features | None:
         if self.folder is None:
             return self.memory.get(key)
         file = self.folder / f"{key}.safetensors"
-        return load_file(file)["embedding"] if file.exists() else None
+        return load_file(file) if file.exists() else None
 
-    def _store(self, key: str, embedding: torch.Tensor) -> None:
+    def _store(self, key: str, features: Features) -> None:
         if self.folder is None:
-            self.memory[key] = embedding
+            self.memory[key] = features
             return
         scratch = self.folder / f".{key}.{os.getpid()}.tmp"
-        save_file({"embedding": embedding.contiguous()}, str(scratch))
+        save_file({name: tensor.contiguous() for name, tensor in features.items()}, str(scratch))
         os.replace(scratch, self.folder / f"{key}.safetensors")  # atomic: readers never see half a file
 
     @torch.no_grad()
-    def embeddings(self, split: Split, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode) -> torch.Tensor:
-        """(B, C, h, w) embeddings for a batch; ``encode(pixel_values)`` runs only for the images not cached."""
+    def embeddings(self, split: Split, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode) -> Features:
+        """The batch's image features (name -> (B, ...) tensor); ``encode(pixel_values)`` runs only for the
+        images not cached."""
         keys = [self._key(split, int(i)) for i in image_ids]
         found = [self._load(key) for key in keys]
         missing = [n for n, value in enumerate(found) if value is None]
         if missing:
             computed = encode(pixel_values[missing])
-            for n, value in zip(missing, computed):
-                found[n] = value.detach().cpu()
+            for row, n in enumerate(missing):
+                found[n] = {name: tensor[row].detach().cpu() for name, tensor in computed.items()}
                 self._store(keys[n], found[n])
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
-        return torch.stack(found).to(pixel_values.device)
+        return {name: torch.stack([f[name] for f in found]).to(pixel_values.device) for name in found[0]}
 
 
 def estimate_bytes(model: torch.nn.Module, images: int) -> int:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """Bytes of the cached features of ``images`` images (fp32), from the config alone."""
+    base = base_of(model)
     vision = base.config.vision_config
-    side = vision.image_size // vision.patch_size
-    return images * vision.output_channels * side * side * 4
+    if family_of(base).square_input:
+        per_image = sum(h * w for h, w in base.backbone_feature_sizes) * vision.fpn_hidden_size
+    else:
+        side = vision.image_size // vision.patch_size
+        per_image = vision.output_channels * side * side
+        if family_of(base).hq:  # the global layers' outputs, at the encoder's width
+            per_image += len(vision.global_attn_indexes) * vision.hidden_size * side * side
+    return images * per_image * 4

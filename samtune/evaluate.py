@@ -30,6 +30,7 @@ from samtune.data.coco import SKIP_REASONS, CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, make_loader
 from samtune.errors import UserError, run_command
 from samtune.evaluation import aggregate, coco_metrics, detections, sam_forward, score_loader
+from samtune.models.family import image_features
 from samtune.models.fast_encoder import uses_fast_encoder
 from samtune.models.loading import load_trained
 
@@ -58,8 +59,9 @@ class _TimedForward:
     """The shared forward (``samtune.evaluation.sam_forward``) with the image encoder and the decoder timed apart,
     per image; the first ``warmup`` batches warm up kernels and caches and are not timed."""
 
-    def __init__(self, model, device: torch.device, autocast, warmup: int) -> None:
+    def __init__(self, model, device: torch.device, autocast, warmup: int, hq_token_only: bool = False) -> None:
         self.model, self.device, self.autocast, self.warmup = model, device, autocast, warmup
+        self.hq_token_only = hq_token_only
         self.clock = _Clock(device)
         self.encoder_ms: list[float] = []
         self.decoder_ms: list[float] = []
@@ -68,9 +70,9 @@ class _TimedForward:
         batch = to_device(batch, self.device)
         with self.autocast:
             start = self.clock.mark()
-            embeddings = self.model.get_image_embeddings(batch["pixel_values"])
+            features = image_features(self.model, batch["pixel_values"])
             middle = self.clock.mark()
-            outputs = sam_forward(self.model, batch, image_embeddings=embeddings)
+            outputs = sam_forward(self.model, batch, features=features, hq_token_only=self.hq_token_only)
             end = self.clock.mark()
         if self.warmup:
             self.warmup -= 1
@@ -91,6 +93,7 @@ def evaluate_split(
     num_workers: int = 0,
     with_rle: bool = False,
     precision: str = "fp32",
+    hq_token_only: bool = False,
 ) -> tuple[dict, list[dict]]:
     """Metrics, latency and (with ``with_rle``) COCO detections of ``model`` on an evaluation dataset.
 
@@ -100,7 +103,7 @@ def evaluate_split(
     device = torch.device(device)
     model.to(device).eval()
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
-    forward = _TimedForward(model, device, autocast, warmup=1 if len(loader) > 1 else 0)
+    forward = _TimedForward(model, device, autocast, warmup=1 if len(loader) > 1 else 0, hq_token_only=hq_token_only)
     records = score_loader(loader, forward, processor, with_rle=with_rle)
     metrics = aggregate(records, dataset.source.categories)
     metrics["latency"] = {
@@ -164,7 +167,7 @@ def format_table(columns: dict[str, dict]) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="hub id, SamModel folder or original .pth (the base)")
+    parser.add_argument("--model", required=True, help="hub id, model folder (any SAM family) or original checkpoint")
     parser.add_argument("--adapter", help="PEFT adapter folder trained on --model")
     parser.add_argument("--annotations", required=True, type=Path)
     parser.add_argument("--images", required=True, type=Path)
@@ -201,7 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
         data = DataConfig(prompt=args.prompt, max_instances=args.max_instances)
         dataset = SamPromptDataset(source, processor, data, train=False)
         metrics, records = evaluate_split(
-            model, processor, dataset, args.batch_size, args.device, args.num_workers, args.coco, args.precision
+            model,
+            processor,
+            dataset,
+            args.batch_size,
+            args.device,
+            args.num_workers,
+            args.coco,
+            args.precision,
+            args.hq_token_only,
         )
         metrics.update(
             model=weights,

@@ -19,16 +19,23 @@ from pycocotools import mask as mask_utils
 from tqdm.auto import tqdm
 
 from samtune.data.batch import SamBatch, prompts_of, uses_multimask
+from samtune.models.family import decoder_inputs, forward_options, post_process_masks
 
 
-def sam_forward(model, batch: SamBatch, image_embeddings=None, multimask_output: bool | None = None):
-    """The model on a batch: one image-encoder pass per image (skipped when ``image_embeddings`` are given),
-    one decoder query per (padded) instance."""
+def sam_forward(
+    model,
+    batch: SamBatch,
+    features: dict[str, torch.Tensor] | None = None,
+    multimask_output: bool | None = None,
+    hq_token_only: bool = False,
+):
+    """The model on a batch: one image-encoder pass per image (skipped when ``features``, from
+    ``samtune.models.family.image_features`` or the embedding cache, are given), one decoder query per (padded)
+    instance. ``hq_token_only`` is SAM-HQ's choice of mask; other families ignore it."""
     multimask = uses_multimask(batch) if multimask_output is None else multimask_output
-    images = (
-        {"pixel_values": batch["pixel_values"]} if image_embeddings is None else {"image_embeddings": image_embeddings}
-    )
-    return model(**images, multimask_output=multimask, **prompts_of(batch))
+    images = {"pixel_values": batch["pixel_values"]} if features is None else decoder_inputs(model, features)
+    options = forward_options(model, hq_token_only)
+    return model(**images, multimask_output=multimask, **options, **prompts_of(batch))
 
 
 def predicted_masks(outputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,9 +78,10 @@ def score_batch(outputs, batch: SamBatch, processor, with_rle: bool = False) -> 
     ``with_rle`` adds the predicted mask at original resolution as COCO RLE and the predicted IoU as score.
     """
     logits, scores = predicted_masks(outputs)
-    masks = processor.post_process_masks(
-        logits[:, :, None].cpu(), batch["original_sizes"].cpu(), batch["reshaped_input_sizes"].cpu()
+    masks = post_process_masks(
+        processor, logits[:, :, None].cpu(), batch["original_sizes"].cpu(), batch["reshaped_input_sizes"].cpu()
     )
+    present = getattr(outputs, "object_score_logits", None)
     records = []
     for row, predicted in enumerate(masks):
         valid = batch["valid"][row].cpu()
@@ -89,6 +97,8 @@ def score_batch(outputs, batch: SamBatch, processor, with_rle: bool = False) -> 
                 "iou": float(iou[k]),
                 "f1": float(f1[k]),
             }
+            if present is not None:  # SAM 2 / 3: did the model say the (prompted, so present) object is there
+                record["object_present"] = bool(present[row, k].max() > 0)
             if with_rle:
                 record["segmentation"] = encode_rle(predicted[k, 0])
                 record["score"] = float(scores[row, k])
@@ -106,6 +116,8 @@ def aggregate(records: list[dict], categories: dict[int, str] | None = None) -> 
         per_image[r["image_id"]].append(r)
         per_category[r["category_id"]].append(r)
     names = categories or {}
+    scored_presence = [r["object_present"] for r in unique if "object_present" in r]
+    presence = {"object_present": float(np.mean(scored_presence))} if scored_presence else {}
     return {
         "mIoU": float(np.mean([r["iou"] for r in unique])),
         "mF1": float(np.mean([r["f1"] for r in unique])),
@@ -121,6 +133,7 @@ def aggregate(records: list[dict], categories: dict[int, str] | None = None) -> 
         },
         "num_instances": len(unique),
         "num_images": len(per_image),
+        **presence,  # share of instances whose object score says present (SAM 2 / 3)
     }
 
 

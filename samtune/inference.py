@@ -19,7 +19,7 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """--precision, --compile and --fast-encoder / --no-fast-encoder."""
+    """--precision, --compile, --fast-encoder / --no-fast-encoder and --hq-token-only."""
     parser.add_argument(
         "--precision", default="fp32", choices=PRECISIONS, help="autocast for the model: fp32 (none), bf16, fp16 (GPU)"
     )
@@ -35,7 +35,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fast-encoder",
         default=True,
         action=argparse.BooleanOptionalAction,
-        help="samtune's fast image encoder (same outputs as SamModel); --no-fast-encoder: transformers' own",
+        help="samtune's fast image encoder for SAM / SAM-HQ (same outputs); --no-fast-encoder: transformers' own",
+    )
+    parser.add_argument(
+        "--hq-token-only",
+        action="store_true",
+        help="SAM-HQ: the HQ token's mask alone (default: added to SAM's, as SAM-HQ does); other families: no effect",
     )
 
 

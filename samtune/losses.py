@@ -1,4 +1,5 @@
-"""Per-instance segmentation loss: MONAI Dice + focal on valid instances, plus the IoU head's MSE."""
+"""Per-instance segmentation loss: MONAI Dice + focal on valid instances, the IoU head's MSE, and (SAM 2 / 3)
+the object-score head's BCE."""
 
 from __future__ import annotations
 
@@ -14,13 +15,20 @@ class InstanceLoss(nn.Module):
     Crowd pixels (``keep`` False) count neither in Dice nor in focal loss.
     """
 
-    def __init__(self, dice_weight: float = 1.0, focal_weight: float = 20.0, iou_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        dice_weight: float = 1.0,
+        focal_weight: float = 20.0,
+        iou_weight: float = 1.0,
+        object_score_weight: float = 1.0,
+    ) -> None:
         from monai.losses import FocalLoss, MaskedDiceLoss  # here: importing monai takes seconds, --help need not
 
         super().__init__()
         self.dice = MaskedDiceLoss(sigmoid=True, reduction="none")
         self.focal = FocalLoss(reduction="none", use_softmax=False)
         self.dice_weight, self.focal_weight, self.iou_weight = dice_weight, focal_weight, iou_weight
+        self.object_score_weight = object_score_weight
 
     def forward(
         self, logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, iou_pred: torch.Tensor
@@ -44,7 +52,8 @@ def batch_loss(outputs, batch: SamBatch, loss_fn: InstanceLoss) -> dict[str, tor
 
     Padded instances never reach the loss. Weighting images equally makes a batch of 4 the same step as
     2 x 2 accumulated (or 2 processes x 2). With several masks per prompt (point prompts), each instance
-    trains only its best mask, as SAM does.
+    trains only its best mask, as SAM does. Families with an object-score head (SAM 2 / 3) also train it
+    towards "present" for every prompted instance (BCE, as SAM 2's trainer does for objects in the frame).
     """
     valid = batch["valid"]
     masks, scores = outputs.pred_masks, outputs.iou_scores  # (B, K, M, h, w), (B, K, M)
@@ -56,6 +65,10 @@ def batch_loss(outputs, batch: SamBatch, loss_fn: InstanceLoss) -> dict[str, tor
     losses = {name: value.view(-1, count) for name, value in losses.items()}
     best = losses["loss"].argmin(dim=1, keepdim=True)
     per_instance = {name: value.gather(1, best)[:, 0] for name, value in losses.items()}
+    object_scores = getattr(outputs, "object_score_logits", None)
+    if object_scores is not None:  # (B, K, 1): one per query; BCE against 1 is softplus(-logit)
+        per_instance["object_score"] = torch.nn.functional.softplus(-object_scores[valid][:, 0].float())
+        per_instance["loss"] = per_instance["loss"] + loss_fn.object_score_weight * per_instance["object_score"]
     image_of = torch.arange(valid.shape[0], device=valid.device)[:, None].expand_as(valid)[valid]
     images = valid.any(dim=1)
     out = {}

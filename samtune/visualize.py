@@ -44,7 +44,7 @@ def overlay_panel(batch: SamBatch, row: int, logits: torch.Tensor, processor) ->
     truth = (
         F.interpolate(batch["original_masks"][row][None].float().cpu(), size=(height, width), mode="nearest")[0] > 0.5
     )
-    side = processor.image_processor.pad_size["height"]
+    side = batch["pixel_values"].shape[-1]  # the padded (SAM) or square (SAM 2 / 3) input side
     predicted = F.interpolate(logits[row, :count][None].float().cpu(), size=(side, side), mode="bilinear")[0]
     predicted = predicted[:, :height, :width] > 0
     gap = np.full((height, 4, 3), 255, np.uint8)

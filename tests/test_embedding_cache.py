@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from transformers import SamModel, SamProcessor
 from samtune.config import ModelConfig, PeftConfig
 from samtune.embedding_cache import EmbeddingCache, why_not_cacheable
 from samtune.models.architectures import processor_for, tiny_sam_config
+from samtune.models.family import image_features
 from samtune.models.loading import build_model
 from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 from samtune.testing.tiny import save_tiny_sam
@@ -111,7 +113,7 @@ def _encode_all(cache, split, paths, model):
     ids = torch.tensor(list(paths))
     side = model.config.vision_config.image_size
     pixels = torch.stack([torch.full((3, side, side), float(i)) for i in ids])  # stands in for processed images
-    return cache.embeddings(split, ids, pixels, model.get_image_embeddings)
+    return cache.embeddings(split, ids, pixels, partial(image_features, model))
 
 
 def test_every_dependency_change_is_a_miss(tmp_path, tiny_sam_dir):

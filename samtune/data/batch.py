@@ -28,6 +28,7 @@ class _SamBatchAlways(TypedDict):
     pixel_values: torch.Tensor  # (B, 3, S, S) float: resized, normalised, padded images
     original_sizes: torch.Tensor  # (B, 2) int64: (H, W) of each image as annotated (upright)
     reshaped_input_sizes: torch.Tensor  # (B, 2) int64: (h', w') of the resized image inside the padded S x S
+    # (S, S) for the families that resize to a fixed square (SAM 2 / 3)
     valid: torch.Tensor  # (B, K) bool: real instances; the rest is padding
     low_res_masks: torch.Tensor  # (B, K, h, w) bool: training targets at the model's mask resolution
     low_res_ignore: torch.Tensor  # (B, h, w) bool: crowd pixels at mask resolution (no loss there)
@@ -71,10 +72,12 @@ def encode_sample(processor, image: np.ndarray, masks: np.ndarray, ignore: np.nd
         kwargs["input_labels"] = [prompts["point_labels"].tolist()]
     out = processor(images=image, segmentation_maps=maps, return_tensors="pt", **kwargs)
     labels = out["labels"].bool()
+    pixel_values = out["pixel_values"][0]
+    resized = out["reshaped_input_sizes"][0] if "reshaped_input_sizes" in out else torch.tensor(pixel_values.shape[-2:])
     encoded = {
-        "pixel_values": out["pixel_values"][0],
-        "original_sizes": out["original_sizes"][0],
-        "reshaped_input_sizes": out["reshaped_input_sizes"][0],
+        "pixel_values": pixel_values,
+        "original_sizes": torch.as_tensor(out["original_sizes"][0]).long(),
+        "reshaped_input_sizes": resized.long(),
         "low_res_masks": labels[:count],
         "low_res_ignore": labels[count],
     }

@@ -1,4 +1,5 @@
-"""Every SamConfig samtune builds: the published architectures, the shipped demo base and the test-sized model.
+"""Every model config samtune builds: the published architectures, the shipped demo bases and the test-sized
+models of each family (SAM, SAM-HQ, SAM 2, SAM 3 tracker).
 
 Latency and memory depend on the architecture alone, so random weights of a published architecture measure
 them honestly without a download. Models saved by ``save_random_sam`` load back through the very
@@ -11,14 +12,32 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoModelForMaskGeneration,
+    PreTrainedConfig,
+    Sam2Config,
+    Sam2HieraDetConfig,
+    Sam2MaskDecoderConfig,
+    Sam2PromptEncoderConfig,
+    Sam2VisionConfig,
+    Sam3TrackerConfig,
+    Sam3TrackerMaskDecoderConfig,
+    Sam3TrackerPromptEncoderConfig,
+    Sam3VisionConfig,
+    Sam3ViTConfig,
     SamConfig,
+    SamHQConfig,
+    SamHQMaskDecoderConfig,
+    SamHQProcessor,
+    SamHQPromptEncoderConfig,
+    SamHQVisionConfig,
     SamImageProcessorPil,
     SamMaskDecoderConfig,
-    SamModel,
     SamProcessor,
     SamPromptEncoderConfig,
     SamVisionConfig,
 )
+
+from samtune.models.family import family_of
 
 # Image-encoder shapes of the published checkpoints (their prompt encoder and mask decoder are all the same).
 _GLOBAL_EVERY_3RD = {"num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]}
@@ -109,25 +128,122 @@ def preset_config(name: str, image_size: int | None = None) -> SamConfig:
     )
 
 
-def processor_for(config: SamConfig) -> SamProcessor:
-    """The processor matching a config's input size (low-res labels are 4x the embedding grid)."""
-    image_size = config.vision_config.image_size
-    mask_size = 4 * (image_size // config.vision_config.patch_size)
+def tiny_sam_hq_config(image_size: int = 128, hidden_size: int = 32) -> SamHQConfig:
+    """SAM-HQ at test size: the tiny SAM's ViT and decoder plus the HQ token and fusion modules."""
+    sam = tiny_sam_config(image_size=image_size, hidden_size=hidden_size)
+    return SamHQConfig(
+        vision_config=SamHQVisionConfig(**sam.vision_config.to_diff_dict()),
+        prompt_encoder_config=SamHQPromptEncoderConfig(**sam.prompt_encoder_config.to_diff_dict()),
+        mask_decoder_config=SamHQMaskDecoderConfig(
+            **sam.mask_decoder_config.to_diff_dict(), vit_dim=sam.vision_config.hidden_size
+        ),
+        initializer_range=0.2,  # as the tiny SAM: else every mask logit of a random decoder is ~0
+    )
+
+
+def tiny_sam2_config(image_size: int = 128, hidden_size: int = 32) -> Sam2Config:
+    """SAM 2's Hiera at test size: four stages of one or two blocks, a global-attention block in stage three."""
+    widths = [16, 32, 64, 128]
+    backbone = Sam2HieraDetConfig(
+        hidden_size=widths[0],
+        num_attention_heads=1,
+        image_size=[image_size, image_size],
+        blocks_per_stage=[1, 1, 2, 1],  # a global block may not open a stage (its window would be 0)
+        embed_dim_per_stage=widths,
+        num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[4, 4, 4, 4],
+        global_attention_blocks=[3],
+        window_positional_embedding_background_size=[2, 2],
+        initializer_range=0.05,
+    )
+    side = image_size // 4
+    vision = Sam2VisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=widths[::-1],
+        backbone_feature_sizes=[[side, side], [side // 2, side // 2], [side // 4, side // 4]],
+        fpn_hidden_size=hidden_size,
+        initializer_range=0.05,
+    )
+    return Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config=Sam2PromptEncoderConfig(
+            hidden_size=hidden_size, image_size=image_size, patch_size=16, mask_input_channels=4
+        ),
+        mask_decoder_config=Sam2MaskDecoderConfig(
+            hidden_size=hidden_size, mlp_dim=2 * hidden_size, num_attention_heads=2, iou_head_hidden_dim=hidden_size
+        ),
+        initializer_range=0.2,
+    )
+
+
+def tiny_sam3_tracker_config(image_size: int = 112, hidden_size: int = 32) -> Sam3TrackerConfig:
+    """SAM 3's tracker at test size: a two-layer ViT (patch 14) with its feature pyramid, SAM 2's decoder."""
+    vit = Sam3ViTConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=14,
+        window_size=4,
+        global_attn_indexes=[1],
+        pretrain_image_size=56,
+        initializer_range=0.05,
+    )
+    grid = image_size // 14
+    vision = Sam3VisionConfig(
+        backbone_config=vit,
+        fpn_hidden_size=hidden_size,
+        backbone_feature_sizes=[[4 * grid, 4 * grid], [2 * grid, 2 * grid], [grid, grid]],
+        initializer_range=0.05,
+    )
+    return Sam3TrackerConfig(
+        vision_config=vision,
+        prompt_encoder_config=Sam3TrackerPromptEncoderConfig(
+            hidden_size=hidden_size, image_size=image_size, patch_size=14, mask_input_channels=4
+        ),
+        mask_decoder_config=Sam3TrackerMaskDecoderConfig(
+            hidden_size=hidden_size, mlp_dim=2 * hidden_size, num_attention_heads=2, iou_head_hidden_dim=hidden_size
+        ),
+        initializer_range=0.2,
+    )
+
+
+TINY_CONFIGS = {
+    "sam": tiny_sam_config,
+    "sam_hq": tiny_sam_hq_config,
+    "sam2": tiny_sam2_config,
+    "sam3_tracker": tiny_sam3_tracker_config,
+}
+
+
+def processor_for(config: PreTrainedConfig):
+    """The family's processor matching a config's input size (low-res masks are 4x the stride-16 / 14 grid)."""
+    family = family_of(config)
+    prompt = config.prompt_encoder_config
+    image_size = prompt.image_size
+    mask_size = 4 * (image_size // prompt.patch_size)
+    if family.square_input:
+        from samtune.models.square_processor import square_processor
+
+        return square_processor(family.model_type, image_size, mask_size)
     image_processor = SamImageProcessorPil(
         size={"longest_edge": image_size},
         pad_size={"height": image_size, "width": image_size},
         mask_size={"longest_edge": mask_size},
         mask_pad_size={"height": mask_size, "width": mask_size},
     )
+    if family.hq:
+        return SamHQProcessor(image_processor=image_processor)
     return SamProcessor(image_processor=image_processor)
 
 
-def save_random_sam(config: SamConfig, folder: str | Path, seed: int = 0) -> Path:
-    """A SamModel with random weights for ``config`` and its processor, saved like a hub checkpoint."""
+def save_random_sam(config: PreTrainedConfig, folder: str | Path, seed: int = 0) -> Path:
+    """A model of ``config``'s family with random weights, and its processor, saved like a hub checkpoint."""
     folder = Path(folder)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = SamModel(config)
+        model = AutoModelForMaskGeneration.from_config(config)
     model.save_pretrained(folder)
     processor_for(config).save_pretrained(folder)
     return folder

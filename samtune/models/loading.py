@@ -1,8 +1,9 @@
-"""Loading a SAM checkpoint, saving what trained, loading it back, merging adapters.
+"""Loading a SAM-family checkpoint, saving what trained, loading it back, merging adapters.
 
 One call, ``build_model``, turns the ``model`` and ``peft`` config sections into a model ready to train
 (``samtune.models.methods`` decides what trains); ``save_trained`` and ``merge_adapter`` turn it back into
-folders people load with ``PeftModel.from_pretrained`` / ``SamModel.from_pretrained``.
+folders people load with ``PeftModel.from_pretrained(AutoModelForMaskGeneration.from_pretrained(base), folder)``
+or ``AutoModelForMaskGeneration.from_pretrained(folder)``. The family comes from the checkpoint's config.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import SamModel, SamProcessor
+from transformers import AutoConfig, AutoModelForMaskGeneration, PreTrainedModel, ProcessorMixin
 
 from samtune.config import QUANTISED_METHODS, ModelConfig, PeftConfig
+from samtune.models.family import Family, base_of, family_of
 from samtune.models.fast_encoder import enable_fast_encoder
 from samtune.models.methods import ModelConfigError, apply_method
 from samtune.models.segment_anything_checkpoint import is_original_checkpoint, load_original_checkpoint
@@ -69,15 +71,18 @@ def _loading(key: str, name: str):
 
 def load_sam(
     spec: ModelConfig, quantise: bool = False, key: str = "model.name_or_path"
-) -> tuple[SamModel, SamProcessor]:
-    """Model and processor from one hub id, local SamModel folder, or original segment-anything checkpoint.
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """Model and processor from one hub id, local folder (any SAM family), or original checkpoint.
 
     ``quantise`` loads the base in 4 bits (NF4) through bitsandbytes; ``key`` is how errors name the model.
     """
     with _loading(key, spec.name_or_path):
         model, processor = _load_sam(spec, quantise)
-    if spec.fast_encoder:  # before PEFT wraps anything: only the encoder's attention / MLP classes change
+    family = family_of(model)
+    if spec.fast_encoder and family.fast_encoder:  # before PEFT wraps anything: only encoder classes change
         enable_fast_encoder(model)
+    elif spec.fast_encoder:
+        logger.info("fast encoder: off, it applies to the SAM ViT (SAM, SAM-HQ), not to %s", family.label)
     if spec.compile:
         # in place (nn.Module.compile): parameter names and state-dict keys stay SamModel's; traced at the first
         # call, so adapters injected after this are compiled too
@@ -85,7 +90,19 @@ def load_sam(
     return model, processor
 
 
-def _load_sam(spec: ModelConfig, quantise: bool) -> tuple[SamModel, SamProcessor]:
+def load_processor(name_or_path: str, family: Family) -> ProcessorMixin:
+    """The family's processor as saved beside the weights (SAM 2 / 3: samtune's torch twin where the official
+    image processor cannot be imported)."""
+    if family.square_input:
+        from samtune.models.square_processor import load_square_processor
+
+        return load_square_processor(name_or_path, family.model_type)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(name_or_path)
+
+
+def _load_sam(spec: ModelConfig, quantise: bool) -> tuple[PreTrainedModel, ProcessorMixin]:
     if is_original_checkpoint(spec.name_or_path):
         if quantise:
             raise ModelConfigError(
@@ -98,26 +115,27 @@ def _load_sam(spec: ModelConfig, quantise: bool) -> tuple[SamModel, SamProcessor
         if quantise:
             device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
             kwargs.update(quantization_config=_nf4_config(), device_map={"": device})
-        model = SamModel.from_pretrained(spec.name_or_path, **kwargs)
+        family = family_of(AutoConfig.from_pretrained(spec.name_or_path))  # refuses other model types first
+        model = AutoModelForMaskGeneration.from_pretrained(spec.name_or_path, **kwargs)
         if quantise and not torch.cuda.is_available():
             _disable_cpu_bf16_kernels(model)
-        processor = SamProcessor.from_pretrained(spec.name_or_path)
+        processor = load_processor(spec.name_or_path, family)
     return model, processor
 
 
-def build_model(model_config: ModelConfig, peft_config: PeftConfig) -> tuple[torch.nn.Module, SamProcessor]:
+def build_model(model_config: ModelConfig, peft_config: PeftConfig) -> tuple[torch.nn.Module, ProcessorMixin]:
     """Config -> (model ready to train, processor)."""
     model, processor = load_sam(model_config, quantise=peft_config.method in QUANTISED_METHODS)
     return apply_method(model, peft_config, model_config.gradient_checkpointing), processor
 
 
-def base_model(model: torch.nn.Module) -> SamModel:
-    """The SamModel inside a PeftModel (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+def base_model(model: torch.nn.Module) -> PreTrainedModel:
+    """The transformers model inside a PeftModel (or the model itself)."""
+    return base_of(model)
 
 
-def save_trained(model: torch.nn.Module, processor: SamProcessor, folder: str | Path) -> Path:
-    """Adapters: a PEFT adapter folder; plain methods: a SamModel folder; the processor beside both."""
+def save_trained(model: torch.nn.Module, processor: ProcessorMixin, folder: str | Path) -> Path:
+    """Adapters: a PEFT adapter folder; plain methods: a model folder; the processor beside both."""
     folder = Path(folder)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -155,7 +173,7 @@ def load_trained(
     fast_encoder: bool = True,
     compile: str = "",
 ):
-    """A trained model for inference: base SamModel (+ adapter folder), in full precision."""
+    """A trained model for inference: base model (+ adapter folder), in full precision."""
     spec = ModelConfig(str(base), attn_implementation=attn_implementation, fast_encoder=fast_encoder, compile=compile)
     model, processor = load_sam(spec, key="--model")
     if adapter:
@@ -164,13 +182,13 @@ def load_trained(
         if not (Path(adapter) / "adapter_config.json").is_file():
             raise ModelConfigError(f"--adapter {adapter}: not an adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, str(adapter))
-        if (Path(adapter) / "processor_config.json").exists():
-            processor = SamProcessor.from_pretrained(adapter)
+        if any((Path(adapter) / name).exists() for name in ("processor_config.json", "preprocessor_config.json")):
+            processor = load_processor(str(adapter), family_of(model))
     return model.eval(), processor
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path) -> Path:
-    """Merge an adapter into a freshly loaded full-precision base and save a plain SamModel folder.
+    """Merge an adapter into a freshly loaded full-precision base and save a plain model folder of its family.
 
     4-bit runs merge here too: into the full-precision weights, never into the quantised ones.
     """

@@ -11,6 +11,7 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from samtune.data.dataset import Split
 from samtune.data.prompts import keep_prompt_kind
 from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_loader
 from samtune.losses import InstanceLoss, batch_loss
+from samtune.models.family import image_features
 from samtune.models.loading import build_model, load_saved_weights, save_trained
 from samtune.models.methods import format_report, parameter_report
 from samtune.training import report
@@ -131,7 +133,7 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         accelerator.init_trackers("tensorboard", config=flat_values(config))
         self.tracker = accelerator.get_tracker("tensorboard") if accelerator.is_main_process else None
-        self.loss_fn = InstanceLoss(train.dice_weight, train.focal_weight, train.iou_weight)
+        self.loss_fn = InstanceLoss(train.dice_weight, train.focal_weight, train.iou_weight, train.object_score_weight)
         self.state = TrainerState()
         self.window = LossWindow(accelerator.device)
         self.metrics_file = self.out / "metrics.jsonl"
@@ -201,14 +203,15 @@ class TrainingRun:
         if split is Split.TRAIN and self.config.data.prompt == "mixed":  # this step's kind, reproducible on resume
             draw = np.random.default_rng([self.config.train.seed, self.state.epoch, self.state.batches_in_epoch])
             batch = keep_prompt_kind(batch, MIXED_KINDS[draw.integers(len(MIXED_KINDS))])
+        hq_token_only = self.config.model.hq_token_only
         if self.cache is None:
-            return sam_forward(self.model, batch)
+            return sam_forward(self.model, batch, hq_token_only=hq_token_only)
         encoder = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():
-            embeddings = self.cache.embeddings(
-                split, batch["image_id"], batch["pixel_values"], encoder.get_image_embeddings
+            features = self.cache.embeddings(
+                split, batch["image_id"], batch["pixel_values"], partial(image_features, encoder)
             )
-        return sam_forward(self.model, batch, image_embeddings=embeddings)
+        return sam_forward(self.model, batch, features=features, hq_token_only=hq_token_only)
 
     def train_step(self, batch: SamBatch) -> bool:
         """Forward, loss and backward of one micro-batch; True when it completed an optimizer step.
