@@ -1,10 +1,11 @@
-"""Export trained weights as a plain SamModel folder with its processor and a model card.
+"""Export trained weights as a plain model folder of their family with its processor and a model card.
 
     python -m samtune.export --adapter runs/demo/final --out exports/my-sam [--base facebook/sam-vit-base]
 
 An adapter is merged into its base (by default the one recorded in adapter_config.json); adapters trained
-on a 4-bit base are merged into the full-precision base weights, never into quantised ones. A SamModel
-folder (full / decoder runs) is re-saved as it is. The result loads with ``SamModel.from_pretrained`` and
+on a 4-bit base are merged into the full-precision base weights, never into quantised ones. A model folder
+(full / decoder / hq runs) is re-saved as it is. The result loads with
+``AutoModelForMaskGeneration.from_pretrained`` (SamModel, SamHQModel, Sam2Model or Sam3TrackerModel) and
 needs no PEFT. When the weights sit in a samtune run folder, the card (README.md) gives the run's training
 config, data, method, trainable parameters and final metrics.
 """
@@ -26,7 +27,7 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def model_card(run: Path | None, base: str, source: Path) -> str:
+def model_card(run: Path | None, base: str, source: Path, model_class: str = "SamModel") -> str:
     """README.md for an exported folder, from the run folder's config.yaml, parameters.json and results.json."""
     config = yaml.safe_load((run / "config.yaml").read_text()) if run and (run / "config.yaml").is_file() else None
     results = _read_json(run / "results.json") if run else None
@@ -36,14 +37,14 @@ def model_card(run: Path | None, base: str, source: Path) -> str:
         "---",
         "library_name: transformers",
         "pipeline_tag: mask-generation",
-        f"tags: [segment-anything, samtune, {method}]",
+        f"tags: [segment-anything, samtune, {method}, {model_class}]",
         f"base_model: {base}",
         "---",
         "",
-        "# SAM fine-tuned with samtune",
+        f"# {model_class} fine-tuned with samtune",
         "",
-        f"A `SamModel` exported from `{source}` (base `{base}`, method `{method}`), adapters merged: it loads with",
-        "`SamModel.from_pretrained` / `SamProcessor.from_pretrained` and needs no PEFT.",
+        f"A `{model_class}` exported from `{source}` (base `{base}`, method `{method}`), adapters merged: it loads",
+        "with `AutoModelForMaskGeneration.from_pretrained` / `AutoProcessor.from_pretrained` and needs no PEFT.",
         "",
     ]
     if config:
@@ -112,9 +113,9 @@ def main(argv: list[str] | None = None) -> Path:
         "--adapter",
         type=Path,
         required=True,
-        help="a run's final/ or best/: PEFT adapter folder, or SamModel folder for full / decoder",
+        help="a run's final/ or best/: PEFT adapter folder, or model folder for full / decoder / hq",
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder for the exported SamModel")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the exported model")
     parser.add_argument("--base", help="base model (hub id or folder); default: the adapter's recorded base")
     args = parser.parse_args(argv)
     source = args.adapter
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> Path:
             f"--adapter {source}: neither a PEFT adapter folder (adapter_config.json) nor a model folder "
             "(config.json); give a run's best/ or final/"
         )
-    (out / "README.md").write_text(model_card(run_folder_of(source), base, source))
+    model_class = json.loads((out / "config.json").read_text())["architectures"][0]
+    (out / "README.md").write_text(model_card(run_folder_of(source), base, source, model_class))
     print(f"exported {source} (base {base}) to {out}")
     return out
 

@@ -31,6 +31,7 @@ from samtune import inference
 from samtune.data.images import read_rgb
 from samtune.errors import UserError, run_command
 from samtune.evaluation import encode_rle
+from samtune.models.family import decoder_inputs, forward_options, image_features, post_process_masks
 from samtune.models.loading import load_trained
 from samtune.visualize import paint
 
@@ -92,10 +93,12 @@ def prompts_from_coco(path: Path) -> tuple[dict[str, dict], dict[str, int], dict
 
 
 @torch.no_grad()
-def prompted_masks(model, processor, image: np.ndarray, boxes: list, points: list, device) -> list[tuple]:
+def prompted_masks(
+    model, processor, image: np.ndarray, boxes: list, points: list, device, hq_token_only: bool = False
+) -> list[tuple]:
     """(mask at original size, score) per prompt: boxes first, then points."""
     out = []
-    embeddings = None  # the image encoder runs once per image, for boxes and points alike
+    features = None  # the image encoder runs once per image, for boxes and points alike
     for kind, prompts in (("boxes", boxes), ("points", points)):
         if not prompts:
             continue
@@ -113,12 +116,19 @@ def prompted_masks(model, processor, image: np.ndarray, boxes: list, points: lis
                 "input_points": inputs["input_points"].float().to(device),
                 "input_labels": inputs["input_labels"].to(device),
             }
-        if embeddings is None:
-            embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device))
-        result = model(image_embeddings=embeddings, multimask_output=kind == "points", **args)
+        if features is None:
+            features = image_features(model, inputs["pixel_values"].to(device))
+        result = model(
+            **decoder_inputs(model, features),
+            multimask_output=kind == "points",
+            **forward_options(model, hq_token_only),
+            **args,
+        )
         scores, best = result.iou_scores[0].float().max(dim=-1)
         logits = result.pred_masks[0][torch.arange(len(prompts)), best][None, :, None].float()
-        masks = processor.post_process_masks(logits.cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"])
+        masks = post_process_masks(
+            processor, logits.cpu(), inputs["original_sizes"], inputs.get("reshaped_input_sizes")
+        )
         out += [(masks[0][k, 0], float(scores[k])) for k in range(len(prompts))]
     return out
 
@@ -134,13 +144,14 @@ def automatic_masks(
     stability_threshold: float = 0.9,
     overlap: float = 0.7,
     batch: int = 64,
+    hq_token_only: bool = False,
 ) -> list[tuple]:
     """SAM's automatic mask generation, in its simplest form: a point grid, filters, greedy mask NMS."""
     height, width = image.shape[:2]
     steps = (np.arange(points_per_side) + 0.5) / points_per_side
     grid = [[float(x * width), float(y * height)] for y in steps for x in steps]
     inputs = processor(images=image, return_tensors="pt")
-    embeddings = model.get_image_embeddings(inputs["pixel_values"].to(device))
+    features = image_features(model, inputs["pixel_values"].to(device))
     candidates = []
     for start in range(0, len(grid), batch):
         chunk = grid[start : start + batch]
@@ -148,10 +159,11 @@ def automatic_masks(
             images=image, input_points=[[[p] for p in chunk]], input_labels=[[[1] for _ in chunk]], return_tensors="pt"
         )
         result = model(
-            image_embeddings=embeddings,
+            **decoder_inputs(model, features),
             input_points=prompt["input_points"].float().to(device),
             input_labels=prompt["input_labels"].to(device),
             multimask_output=True,
+            **forward_options(model, hq_token_only),
         )
         logits = result.pred_masks[0].float()  # (N, 3, h, w)
         scores = result.iou_scores[0].float()
@@ -162,8 +174,8 @@ def automatic_masks(
     candidates.sort(key=lambda c: -c[0])
     kept: list[tuple] = []
     for score, logits in candidates:
-        mask = processor.post_process_masks(
-            logits[None, None, None].cpu(), inputs["original_sizes"], inputs["reshaped_input_sizes"]
+        mask = post_process_masks(
+            processor, logits[None, None, None].cpu(), inputs["original_sizes"], inputs.get("reshaped_input_sizes")
         )[0][0, 0]
         if not mask.any():
             continue
@@ -215,14 +227,27 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if prompts is None:
             with autocast:
                 found = automatic_masks(
-                    model, processor, image, args.device, args.points_per_side, args.min_score, args.min_stability
+                    model,
+                    processor,
+                    image,
+                    args.device,
+                    args.points_per_side,
+                    args.min_score,
+                    args.min_stability,
+                    hq_token_only=args.hq_token_only,
                 )
             labels = [1] * len(found)
         else:
             entry = prompts[name]
             with autocast:
                 found = prompted_masks(
-                    model, processor, image, entry.get("boxes", []), entry.get("points", []), args.device
+                    model,
+                    processor,
+                    image,
+                    entry.get("boxes", []),
+                    entry.get("points", []),
+                    args.device,
+                    args.hq_token_only,
                 )
             labels = categories.get(name) or [1] * len(found)
         for (mask, score), category in zip(found, labels):
