@@ -17,7 +17,7 @@ from samtune.models.architectures import processor_for, tiny_sam_config
 from samtune.models.family import image_features
 from samtune.models.loading import build_model
 from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
-from samtune.testing.tiny import save_tiny_sam
+from samtune.testing.tiny import save_tiny, save_tiny_sam
 from samtune.train import main as train
 
 
@@ -64,9 +64,23 @@ def _train(tmp_path, tiny_sam_dir, splits, name, *extra):
     return out, results
 
 
-@pytest.mark.parametrize(("method", "targets"), [("decoder", "peft-sam"), ("lora", "decoder-attn")])
-def test_training_with_and_without_the_cache_is_the_same(tmp_path, tiny_sam_dir, splits, caplog, method, targets):
+@pytest.mark.parametrize(
+    ("method", "targets", "family"),
+    [
+        ("decoder", "peft-sam", "sam"),
+        ("lora", "decoder-attn", "sam"),
+        # SAM 2: the decoder's own projections of the cached levels train; SAM-HQ: its fusion of the cached
+        # global-layer outputs trains
+        ("decoder", "peft-sam", "sam2"),
+        ("hq", "peft-sam", "sam_hq"),
+    ],
+)
+def test_training_with_and_without_the_cache_is_the_same(
+    tmp_path, tiny_sam_dir, splits, caplog, method, targets, family
+):
     caplog.set_level(logging.INFO, logger="samtune")
+    if family != "sam":
+        tiny_sam_dir = save_tiny(tmp_path / family, family, seed=1)
     common = ("--peft.method", method, "--peft.targets", targets, "--peft.dropout", "0")
     cached_out, cached = _train(tmp_path, tiny_sam_dir, splits, "cached", *common)
     assert "image embeddings: cached (in memory" in caplog.text
