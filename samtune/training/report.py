@@ -14,13 +14,21 @@ from samtune.checkpointing import TrainerState
 from samtune.config import ADAPTER_METHODS, Config
 
 
-def banner(config: Config, accelerator: Accelerator, report: dict, train_images: int, val_samples: int, steps: int):
+def banner(
+    config: Config,
+    accelerator: Accelerator,
+    report: dict,
+    train_images: int,
+    val_samples: int,
+    steps: int,
+    family: str = "SAM",
+) -> str:
     method = config.peft.method
     if method in ADAPTER_METHODS:
         method += f" (targets {config.peft.targets}, rank {config.peft.rank})"
     return "\n".join(
         [
-            f"model      {config.model.name_or_path}",
+            f"model      {config.model.name_or_path} ({family})",
             f"method     {method}",
             f"trainable  {report['all']['trainable']:,} of {report['all']['total']:,} parameters",
             f"data       {train_images} training images ({config.data.prompt} prompts), "

@@ -33,7 +33,7 @@ from samtune.data.dataset import Split
 from samtune.data.prompts import keep_prompt_kind
 from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_loader
 from samtune.losses import InstanceLoss, batch_loss
-from samtune.models.family import image_features
+from samtune.models.family import family_of, image_features
 from samtune.models.loading import build_model, load_saved_weights, save_trained
 from samtune.models.methods import format_report, parameter_report
 from samtune.training import report
@@ -146,7 +146,7 @@ class TrainingRun:
         val = self.eval_loaders.get(Split.VAL)
         opening = report.banner(
             config, accelerator, self.parameters, len(self.data.train_set), len(val.dataset) if val else 0,
-            self.total_steps,
+            self.total_steps, family_of(self.model).label,
         )  # fmt: skip
         logger.info("samtune\n%s\nparameters per part:\n%s", opening, format_report(self.parameters))
 
