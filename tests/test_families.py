@@ -210,3 +210,25 @@ def test_train_evaluate_export_reload(family, folders, splits, tmp_path):
         b = sam_forward(unmerged.eval(), batch).pred_masks
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
     assert json.loads((exported / "config.json").read_text())["model_type"] == family
+
+
+@pytest.mark.parametrize("family", ["sam_hq", "sam2"])
+def test_predict_prompted_and_automatic(family, folders, splits, tmp_path):
+    """Masks at each image's original size from box and point prompts, and from the automatic grid."""
+    from samtune.predict import main as predict
+
+    annotation_file, image_dir = splits["val"]
+    data = json.loads(Path(annotation_file).read_text())
+    sizes = {image["file_name"]: (image["height"], image["width"]) for image in data["images"]}
+    first, second = list(sizes)[:2]
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({first: {"boxes": [[2, 3, 30, 25]], "points": [[5, 5]]}, second: [[0, 0, 9, 9]]}))
+    model = ["--model", str(folders[family])]
+    prompted = predict([*model, "--images", str(image_dir), "--prompts", str(prompts),
+                        "--output", str(tmp_path / "p.json"), "--hq-token-only"])  # fmt: skip
+    assert sorted(r["file_name"] for r in prompted) == sorted([first, first, second])
+    automatic = predict([*model, "--images", str(image_dir / first), "--points-per-side", "4", "--min-score", "-9",
+                         "--min-stability", "0", "--output", str(tmp_path / "a.json")])  # fmt: skip
+    assert automatic  # no filter left: the grid's masks, de-duplicated
+    for r in prompted + automatic:
+        assert tuple(r["segmentation"]["size"]) == sizes.get(r["file_name"], sizes[first])
