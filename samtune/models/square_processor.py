@@ -433,7 +433,9 @@ def load_square_processor(name_or_path: str, model_type: str) -> ProcessorMixin:
     if official_processor_available(model_type):
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(name_or_path)
+        loaded = AutoProcessor.from_pretrained(name_or_path)
+        # a folder with only preprocessor_config.json gives the bare image processor: prompts need the processor
+        return loaded if isinstance(loaded, ProcessorMixin) else family.processor(image_processor=loaded)
     processor_config = _read_json(name_or_path, "processor_config.json") or {}
     settings = processor_config.get("image_processor") or _read_json(name_or_path, "preprocessor_config.json")
     if settings is None:
