@@ -65,7 +65,7 @@ def test_train_help_is_quiet_and_lists_choices():
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # no bitsandbytes, torchvision or deprecation message
     assert result.stdout.startswith("usage: samtune train")
-    assert "--peft.method {lora,dora,qlora,qdora,full,decoder,none}" in result.stdout
+    assert "--peft.method {lora,dora,qlora,qdora,full,decoder,hq,none}" in result.stdout
 
 
 def test_a_model_without_data_is_refused_naming_the_missing_keys(capsys):
