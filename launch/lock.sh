@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate requirements.lock: resolve pyproject.toml (with the dev extra) in a scratch venv and pin the result.
 # torch is pinned without its local build tag (+cpu), so GPU machines get the same release from PyPI.
+# segment-anything-hq and sam2 (test references, which declare torchvision) are pinned in setup.sh, not here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scratch=$(mktemp -d)

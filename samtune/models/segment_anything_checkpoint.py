@@ -60,6 +60,8 @@ _RENAMES = [
 _MLP = re.compile(r"(mask_decoder\.(?:iou_prediction_head|output_hypernetworks_mlps\.\d+))\.layers\.(\d+)\.")
 # Decoder transformer norms: norm1..norm4 -> layer_norm1..4.
 _DECODER_NORM = re.compile(r"(mask_decoder\.transformer\.layers\.\d+)\.norm(\d)\.")
+SAM_ENCODER_KEY = "image_encoder.patch_embed.proj.weight"  # the ViT image encoder of SAM and SAM-HQ
+HQ_KEY = "mask_decoder.hf_token.weight"  # SAM-HQ's extra output token
 
 
 class UnsafeCheckpointError(UserError, pickle.UnpicklingError):
@@ -83,8 +85,9 @@ def _rename(key: str, mlp_depth: int) -> str:
     return _MLP.sub(mlp, key)
 
 
-def config_from_state_dict(state: dict[str, torch.Tensor]) -> SamConfig:
-    """Infer a SamConfig from original-format tensor shapes."""
+def config_parts_from_state_dict(state: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
+    """Vision, prompt-encoder and mask-decoder settings read off original-format tensor shapes (as keyword
+    arguments, so SAM-HQ builds its own config classes from the same reading)."""
     patch = state["image_encoder.patch_embed.proj.weight"]
     hidden, patch_size = patch.shape[0], patch.shape[-1]
     depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("image_encoder.blocks."))
@@ -98,33 +101,43 @@ def config_from_state_dict(state: dict[str, torch.Tensor]) -> SamConfig:
     mlp_dim = state["image_encoder.blocks.0.mlp.lin1.weight"].shape[0]
     prompt_hidden = state["prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"].shape[1] * 2
     decoder_layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.transformer.layers."))
-    vision = SamVisionConfig(
-        hidden_size=hidden,
-        output_channels=neck.shape[0],
-        num_hidden_layers=depth,
-        num_attention_heads=hidden // head_dim,
-        image_size=grid * patch_size,
-        patch_size=patch_size,
-        window_size=window,
-        global_attn_indexes=global_layers,
-        mlp_dim=mlp_dim,
-        num_pos_feats=prompt_hidden // 2,
-    )
-    prompt = SamPromptEncoderConfig(
-        hidden_size=prompt_hidden,
-        image_size=grid * patch_size,
-        patch_size=patch_size,
-        mask_input_channels=state["prompt_encoder.mask_downscaling.3.weight"].shape[0],
-    )
-    decoder = SamMaskDecoderConfig(
-        hidden_size=prompt_hidden,
-        mlp_dim=state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-        num_hidden_layers=decoder_layers,
-        iou_head_hidden_dim=state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
-        iou_head_depth=1
+    vision = {
+        "hidden_size": hidden,
+        "output_channels": neck.shape[0],
+        "num_hidden_layers": depth,
+        "num_attention_heads": hidden // head_dim,
+        "image_size": grid * patch_size,
+        "patch_size": patch_size,
+        "window_size": window,
+        "global_attn_indexes": global_layers,
+        "mlp_dim": mlp_dim,
+        "num_pos_feats": prompt_hidden // 2,
+    }
+    prompt = {
+        "hidden_size": prompt_hidden,
+        "image_size": grid * patch_size,
+        "patch_size": patch_size,
+        "mask_input_channels": state["prompt_encoder.mask_downscaling.3.weight"].shape[0],
+    }
+    decoder = {
+        "hidden_size": prompt_hidden,
+        "mlp_dim": state["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
+        "num_hidden_layers": decoder_layers,
+        "iou_head_hidden_dim": state["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+        "iou_head_depth": 1
         + max(int(k.split(".")[3]) for k in state if k.startswith("mask_decoder.iou_prediction_head.layers.")),
+    }
+    return vision, prompt, decoder
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor]) -> SamConfig:
+    """Infer a SamConfig from original-format tensor shapes."""
+    vision, prompt, decoder = config_parts_from_state_dict(state)
+    return SamConfig(
+        vision_config=SamVisionConfig(**vision),
+        prompt_encoder_config=SamPromptEncoderConfig(**prompt),
+        mask_decoder_config=SamMaskDecoderConfig(**decoder),
     )
-    return SamConfig(vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder)
 
 
 def convert_state_dict(state: dict[str, torch.Tensor], mlp_depth: int = 3) -> dict[str, torch.Tensor]:
@@ -158,19 +171,46 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_original_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> tuple[SamModel, SamProcessor]:
-    state = read_state_dict(path)
-    if "image_encoder.patch_embed.proj.weight" not in state:
-        raise UserError(f"{path}: not a segment-anything checkpoint (no image_encoder.patch_embed.proj.weight)")
-    config = config_from_state_dict(state)
+def is_sam_checkpoint(state: dict) -> bool:
+    """Whether a state dict holds an original segment-anything SAM (ViT image encoder, no SAM-HQ modules)."""
+    return SAM_ENCODER_KEY in state and "mask_decoder.iou_token.weight" in state and HQ_KEY not in state
+
+
+def shape_error(source: str | Path, family: str, error: Exception) -> UserError:
+    """A state dict whose keys or shapes do not give an architecture: one line naming the file."""
+    return UserError(f"{source}: not a {family} checkpoint of a known layout ({type(error).__name__}: {error})")
+
+
+def load_converted(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Load converted weights, every parameter and buffer accounted for; a mismatch is the file's fault."""
+    name = type(model).__name__
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a size mismatch: the shapes read do not all agree
+        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise UserError(f"{source}: weights do not fit {name}: {lines[0] if lines else error}") from error
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not fit {name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def model_from_state_dict(
+    state: dict[str, torch.Tensor], source: str | Path, attn_implementation: str = "sdpa"
+) -> tuple[SamModel, SamProcessor]:
+    """SamModel (eval mode) and processor from an original segment-anything state dict read from ``source``."""
+    if SAM_ENCODER_KEY not in state:
+        raise UserError(f"{source}: not a segment-anything checkpoint (no {SAM_ENCODER_KEY})")
+    try:
+        config = config_from_state_dict(state)
+    except (KeyError, IndexError, ValueError) as error:
+        raise shape_error(source, "segment-anything", error) from error
     config._attn_implementation = attn_implementation
     model = SamModel(config)
-    missing, unexpected = model.load_state_dict(
-        convert_state_dict(state, config.mask_decoder_config.iou_head_depth), strict=False
-    )
-    if missing or unexpected:
-        raise UserError(f"{path}: weights do not fit SamModel: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    load_converted(model, convert_state_dict(state, config.mask_decoder_config.iou_head_depth), source)
     return model.eval(), processor_for(config)
+
+
+def load_original_checkpoint(path: str | Path, attn_implementation: str = "sdpa") -> tuple[SamModel, SamProcessor]:
+    return model_from_state_dict(read_state_dict(path), path, attn_implementation)
 
 
 def main(argv: list[str] | None = None) -> None:
