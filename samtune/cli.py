@@ -28,7 +28,7 @@ COMMANDS = {
     "evaluate": ("samtune.evaluate", "score weights on a COCO split: mIoU / mF1 per instance, COCO AP, latency"),
     "predict": ("samtune.predict", "masks for new images from boxes / points, or automatic, as COCO results"),
     "export": ("samtune.export", "merge a run's adapter into a plain model folder with a model card"),
-    "convert": ("samtune.models.segment_anything_checkpoint", "an original segment-anything .pth to a folder"),
+    "convert": ("samtune.models.original_checkpoints", "an original SAM / SAM-HQ .pth or SAM 2 .pt to a folder"),
     "demo": ("samtune.demo.pretrain", "generate the demo's data, or pretrain its base"),
 }
 

@@ -19,7 +19,8 @@ from samtune.config import QUANTISED_METHODS, ModelConfig, PeftConfig
 from samtune.models.family import Family, base_of, family_of
 from samtune.models.fast_encoder import enable_fast_encoder
 from samtune.models.methods import ModelConfigError, apply_method
-from samtune.models.segment_anything_checkpoint import is_original_checkpoint, load_original_checkpoint
+from samtune.models.original_checkpoints import load_original
+from samtune.models.segment_anything_checkpoint import is_original_checkpoint
 
 logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
@@ -106,10 +107,9 @@ def _load_sam(spec: ModelConfig, quantise: bool) -> tuple[PreTrainedModel, Proce
     if is_original_checkpoint(spec.name_or_path):
         if quantise:
             raise ModelConfigError(
-                "convert an original checkpoint first (python -m samtune.models.segment_anything_checkpoint "
-                "IN.pth OUT_DIR) to quantise it"
+                "convert an original checkpoint first (samtune convert IN.pth OUT_DIR) to quantise it"
             )
-        model, processor = load_original_checkpoint(spec.name_or_path, attn_implementation=spec.attn_implementation)
+        model, processor = load_original(spec.name_or_path, attn_implementation=spec.attn_implementation)
     else:
         kwargs: dict = {"attn_implementation": spec.attn_implementation, "dtype": DTYPES[spec.dtype]}
         if quantise:
