@@ -7,7 +7,8 @@ another input size or preprocessing, or an edited image file is a miss, never a 
 memory, or as one safetensors file per image in a folder (atomic writes, safe to share between processes and
 runs) when it would not fit. What is cached is everything the family's decoder consumes of the encoder
 (``samtune.models.family.image_features``): one embedding (SAM), plus the global layers' outputs (SAM-HQ), or
-three feature levels before the decoder's own projections (SAM 2 / 3, whose decoder may train them).
+three feature levels (SAM 2 / 3), the two finest already through the decoder's projections when those are
+frozen (5x smaller at 1024) and as the encoder gives them when they train.
 """
 
 from __future__ import annotations
@@ -22,21 +23,30 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from samtune.data.dataset import Split
-from samtune.models.family import base_of, family_of
+from samtune.models.family import base_of, decoder_projections, family_of
 
 Features = dict[str, torch.Tensor]
 
 logger = logging.getLogger(__name__)
 
 
+def projects(model: torch.nn.Module) -> bool:
+    """SAM 2 / 3 with frozen decoder projections: the cache stores the projected levels."""
+    projections = decoder_projections(model)
+    return bool(projections) and not any(p.requires_grad for m in projections for p in m.parameters())
+
+
 def encoder_fingerprint(model: torch.nn.Module) -> str:
-    """Hash of the image encoder's weights, dtype and config (the whole function the cache stands in for)."""
+    """Hash of the weights, dtype and config of the whole function the cache stands in for: the image encoder
+    (and the decoder's projections when the cache stores their output)."""
     encoder = base_of(model).vision_encoder
     digest = hashlib.sha256(encoder.config.to_json_string().encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(str(tensor.dtype).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    modules = [encoder, *(decoder_projections(model) if projects(model) else [])]
+    for number, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{number}.{name}".encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
@@ -70,6 +80,7 @@ class EmbeddingCache:
     """Embeddings by (encoder, processor, image bytes); ``folder`` None keeps them in memory."""
 
     def __init__(self, model: torch.nn.Module, processor, folder: str | Path | None = None) -> None:
+        self.project = projects(model)  # what image_features(..., project=) must compute for this cache
         self.prefix = f"{encoder_fingerprint(model)}-{processor_fingerprint(processor)}"
         self.folder = Path(folder) / self.prefix if folder else None
         if self.folder:
@@ -125,7 +136,10 @@ def estimate_bytes(model: torch.nn.Module, images: int) -> int:
     base = base_of(model)
     vision = base.config.vision_config
     if family_of(base).square_input:
-        per_image = sum(h * w for h, w in base.backbone_feature_sizes) * vision.fpn_hidden_size
+        channels = [vision.fpn_hidden_size] * len(base.backbone_feature_sizes)
+        if projects(model):
+            channels[:2] = [m.out_channels for m in decoder_projections(model)]
+        per_image = sum(c * h * w for c, (h, w) in zip(channels, base.backbone_feature_sizes))
     else:
         side = vision.image_size // vision.patch_size
         per_image = vision.output_channels * side * side

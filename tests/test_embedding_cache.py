@@ -72,6 +72,7 @@ def _train(tmp_path, tiny_sam_dir, splits, name, *extra):
         # SAM 2: the decoder's own projections of the cached levels train; SAM-HQ: its fusion of the cached
         # global-layer outputs trains
         ("decoder", "peft-sam", "sam2"),
+        ("lora", "decoder-attn", "sam2"),  # projections frozen: the cache stores the projected levels
         ("hq", "peft-sam", "sam_hq"),
     ],
 )
@@ -163,3 +164,27 @@ def test_every_dependency_change_is_a_miss(tmp_path, tiny_sam_dir):
     edited = cache_for(tiny_sam_dir)
     assert (edited.hits, edited.misses) == (2, 1)
     shutil.rmtree(folder)
+
+
+def test_sam2_cache_stores_projected_levels_only_when_the_projections_are_frozen(tmp_path):
+    from samtune.embedding_cache import encoder_fingerprint, estimate_bytes, projects
+
+    folder = save_tiny(tmp_path / "sam2", "sam2", seed=1)
+    adapters, _ = build_model(ModelConfig(str(folder)), PeftConfig(method="lora", targets="decoder-attn"))
+    decoder, _ = build_model(ModelConfig(str(folder)), PeftConfig(method="decoder"))
+    assert projects(adapters) and not projects(decoder)
+    config = adapters.get_base_model().config
+    side = config.prompt_encoder_config.image_size // 4
+    hidden = config.vision_config.fpn_hidden_size
+    raw = hidden * (side**2 + (side // 2) ** 2 + (side // 4) ** 2) * 4
+    projected = (hidden // 8 * side**2 + hidden // 4 * (side // 2) ** 2 + hidden * (side // 4) ** 2) * 4
+    assert estimate_bytes(decoder, 3) == 3 * raw and estimate_bytes(adapters, 3) == 3 * projected
+    pixels = torch.randn(2, 3, 2 * side * 2, 2 * side * 2)
+    features = image_features(adapters, pixels, project=True)
+    assert sorted(features) == ["level2", "projected0", "projected1"]
+    assert sum(t[0].numel() for t in features.values()) * 4 == projected
+    # the projections are part of what the projected cache stands in for: other weights there, another key
+    before = encoder_fingerprint(adapters)
+    with torch.no_grad():
+        adapters.get_base_model().mask_decoder.conv_s0.weight.add_(1)
+    assert encoder_fingerprint(adapters) != before

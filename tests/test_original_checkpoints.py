@@ -27,8 +27,10 @@ import torch.nn.functional as F
 import yaml
 from transformers import Sam2Model, SamHQModel, SamModel
 
+from samtune.config import ModelConfig
 from samtune.errors import UserError, run_command
 from samtune.models import original_checkpoints, sam2_checkpoint, sam_hq_checkpoint
+from samtune.models.loading import load_sam
 
 REFERENCE = Path(sys.prefix) / "reference"  # where launch/setup.sh puts the official packages
 TOLERANCE = {"atol": 1e-4, "rtol": 1e-4}
@@ -122,30 +124,18 @@ def sam_hq_file(hq, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sam_hq_run(sam_hq_file):
-    """The official model, its file, and the file converted."""
+    """The official model, and the file converted (as transformers' SamHQModel computes it)."""
     sam, path = sam_hq_file
     model, processor = sam_hq_checkpoint.load_original_checkpoint(path)
     return sam, model, processor
 
 
-@contextmanager
-def _decoder_upscales_transformer_output(model: SamHQModel):
-    """transformers 5.24's SamHQMaskDecoder.forward keeps the two-way transformer's image output under the name
-    ``iou_token_out``, never uses it, and upscales the image embedding as it entered the transformer (transposed)
-    instead; the official MaskDecoderHQ upscales the transformer's output. These hooks hand ``upscale_conv1`` that
-    output, so the comparison checks the converted weights rather than that line."""
-    decoder, seen = model.mask_decoder, {}
-    hooks = [
-        decoder.transformer.register_forward_hook(lambda module, args, out: seen.update(keys=out[1])),
-        decoder.upscale_conv1.register_forward_pre_hook(
-            lambda module, args: (seen.pop("keys").transpose(2, 3).reshape(args[0].shape),)
-        ),
-    ]
-    try:
-        yield model
-    finally:
-        for hook in hooks:
-            hook.remove()
+@pytest.fixture(scope="module")
+def sam_hq_loaded(sam_hq_file):
+    """The official model, and the file as samtune loads it for training, evaluation and prediction."""
+    sam, path = sam_hq_file
+    model, processor = load_sam(ModelConfig(str(path)))
+    return sam, model, processor
 
 
 _IMAGE = np.random.default_rng(0).integers(0, 256, size=(96, 128, 3), dtype=np.uint8)  # long side = input size
@@ -178,11 +168,11 @@ def _sam_hq_outputs(sam, model, processor, prompt, multimask, hq_token_only):
 @pytest.mark.parametrize("hq_token_only", [False, True])
 @pytest.mark.parametrize("multimask", [False, True])
 @pytest.mark.parametrize("prompt", ["box", "points"])
-def test_sam_hq_same_masks_as_official(sam_hq_run, prompt, multimask, hq_token_only):
-    sam, model, processor = sam_hq_run
+def test_sam_hq_same_masks_as_official(sam_hq_loaded, prompt, multimask, hq_token_only):
+    """What samtune loads (the decoder fix of samtune.models.sam_hq_decoder_fix and the fast encoder included)."""
+    sam, model, processor = sam_hq_loaded
     assert isinstance(model, SamHQModel) and model.config.vision_config.global_attn_indexes == [1, 3]
-    with _decoder_upscales_transformer_output(model):
-        reference, ours, inputs = _sam_hq_outputs(sam, model, processor, prompt, multimask, hq_token_only)
+    reference, ours, inputs = _sam_hq_outputs(sam, model, processor, prompt, multimask, hq_token_only)
     # The official decoder returns, for multimask, the best of the three SAM masks plus the HQ mask; transformers
     # returns all three sorted by predicted IoU (each plus the HQ mask): its first is the official one.
     torch.testing.assert_close(ours.pred_masks[0][:, :1], reference["low_res_logits"], **TOLERANCE)
@@ -204,7 +194,7 @@ def test_sam_hq_prompts_and_hq_token_matter(sam_hq_run):
 @pytest.mark.xfail(
     strict=True,
     reason="transformers 5.24 SamHQMaskDecoder upscales the pre-transformer image embedding (see "
-    "_decoder_upscales_transformer_output); when this passes, transformers has fixed it and the hooks can go",
+    "samtune.models.sam_hq_decoder_fix); when this passes, transformers has fixed it and the fix can go",
 )
 def test_sam_hq_stock_transformers_decoder_matches_official(sam_hq_run):
     sam, model, processor = sam_hq_run
@@ -600,7 +590,6 @@ def test_convert_command(sam_hq_file, tmp_path, capsys):
 
 if __name__ == "__main__":  # the largest differences, printed: .venv/bin/python tests/test_original_checkpoints.py
     import tempfile
-    from contextlib import nullcontext
     from itertools import product
 
     def largest(a, b):
@@ -609,12 +598,14 @@ if __name__ == "__main__":  # the largest differences, printed: .venv/bin/python
     with tempfile.TemporaryDirectory() as folder, _official("segment_anything_hq", "segment_anything_hq.modeling") as h:
         official_hq, path = _official_sam_hq(_hq_modules(h)), Path(folder) / "sam_hq.pth"
         torch.save(official_hq.state_dict(), path)
-        model, processor = sam_hq_checkpoint.load_original_checkpoint(path)
-        for prompt, multimask, hq_only, hooks in product(_HQ_PROMPTS, (False, True), (False, True), (True, False)):
-            with _decoder_upscales_transformer_output(model) if hooks else nullcontext():
-                ref, ours, _ = _sam_hq_outputs(official_hq, model, processor, prompt, multimask, hq_only)
+        stock, processor = sam_hq_checkpoint.load_original_checkpoint(path)
+        fixed, _ = load_sam(ModelConfig(str(path)))
+        cases = product(_HQ_PROMPTS, (False, True), (False, True), ("samtune", "stock"))
+        for prompt, multimask, hq_only, loaded in cases:
+            model = fixed if loaded == "samtune" else stock
+            ref, ours, _ = _sam_hq_outputs(official_hq, model, processor, prompt, multimask, hq_only)
             print(
-                f"SAM-HQ {prompt:6} multimask={multimask:d} hq_token_only={hq_only:d} {'hooks' if hooks else 'stock'}:"
+                f"SAM-HQ {prompt:6} multimask={multimask:d} hq_token_only={hq_only:d} {loaded}:"
                 f" masks {largest(ours.pred_masks[0][:, :1], ref['low_res_logits'])}"
                 f" iou {largest(ours.iou_scores[0][:, :1], ref['iou_predictions'])}"
             )

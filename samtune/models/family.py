@@ -119,15 +119,25 @@ def family_of(model_or_config) -> Family:
     return FAMILIES[model_type]
 
 
-def image_features(model: torch.nn.Module, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+def image_features(
+    model: torch.nn.Module, pixel_values: torch.Tensor, project: bool = False
+) -> dict[str, torch.Tensor]:
     """What the decoder consumes of the image encoder, as named tensors with a leading batch axis (what the
-    embedding cache stores). Gradients flow when enabled (unlike transformers' ``get_image_embeddings``)."""
+    embedding cache stores). Gradients flow when enabled (unlike transformers' ``get_image_embeddings``).
+
+    SAM 2 / 3: the three levels as the encoder gives them, or with ``project`` the two finest already through
+    the decoder's ``conv_s0`` / ``conv_s1`` (8x / 4x fewer channels: what a cache can store when those are frozen).
+    """
     base = base_of(model)
     family = family_of(base)
     out = base.vision_encoder(pixel_values)
     if family.square_input:
         levels = list(out.fpn_hidden_states)[: len(base.backbone_feature_sizes)]
-        return {f"level{n}": level for n, level in enumerate(levels)}
+        features = {f"level{n}": level for n, level in enumerate(levels)}
+        if project:
+            features["projected0"] = base.mask_decoder.conv_s0(features.pop("level0"))
+            features["projected1"] = base.mask_decoder.conv_s1(features.pop("level1"))
+        return features
     features = {"embedding": out[0]}
     if family.hq:
         features.update({f"intermediate{n}": t for n, t in enumerate(out.intermediate_embeddings)})
@@ -139,11 +149,13 @@ def decoder_inputs(model: torch.nn.Module, features: dict[str, torch.Tensor]) ->
     base = base_of(model)
     family = family_of(base)
     if family.square_input:
-        levels = [features[f"level{n}"] for n in range(len(base.backbone_feature_sizes))]
-        # as the model's own get_image_features / forward: the decoder's projections of the two finest levels,
-        # and the "no memory" embedding on the coarsest when it is one the decoder reads
-        levels[0] = base.mask_decoder.conv_s0(levels[0])
-        levels[1] = base.mask_decoder.conv_s1(levels[1])
+        # as the model's own get_image_features / forward: the decoder's projections of the two finest levels
+        # (unless already applied), and the "no memory" embedding on the coarsest when it is one the decoder reads
+        levels = [
+            features[f"projected{n}"] if f"projected{n}" in features else projection(features[f"level{n}"])
+            for n, projection in enumerate((base.mask_decoder.conv_s0, base.mask_decoder.conv_s1))
+        ]
+        levels += [features[f"level{n}"] for n in range(2, len(base.backbone_feature_sizes))]
         if len(levels) == _emitted_levels(base):
             levels[-1] = levels[-1] + base.no_memory_embedding.view(1, -1, 1, 1)
         return {"image_embeddings": levels}
@@ -152,6 +164,14 @@ def decoder_inputs(model: torch.nn.Module, features: dict[str, torch.Tensor]) ->
         count = sum(1 for key in features if key.startswith("intermediate"))
         inputs["intermediate_embeddings"] = [features[f"intermediate{n}"] for n in range(count)]
     return inputs
+
+
+def decoder_projections(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """SAM 2 / 3: the decoder's projections of the two finest levels (none for SAM / SAM-HQ)."""
+    base = base_of(model)
+    if not family_of(base).square_input:
+        return []
+    return [base.mask_decoder.conv_s0, base.mask_decoder.conv_s1]
 
 
 def _emitted_levels(base: torch.nn.Module) -> int:

@@ -20,6 +20,7 @@ from samtune.models.family import Family, base_of, family_of
 from samtune.models.fast_encoder import enable_fast_encoder
 from samtune.models.methods import ModelConfigError, apply_method
 from samtune.models.original_checkpoints import load_original
+from samtune.models.sam_hq_decoder_fix import fix_sam_hq_decoder
 from samtune.models.segment_anything_checkpoint import is_original_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def load_sam(
     with _loading(key, spec.name_or_path):
         model, processor = _load_sam(spec, quantise)
     family = family_of(model)
+    if family.hq:
+        fix_sam_hq_decoder(model)  # the official SAM-HQ decoder where transformers' gets one line wrong
     if spec.fast_encoder and family.fast_encoder:  # before PEFT wraps anything: only encoder classes change
         enable_fast_encoder(model)
     elif spec.fast_encoder:

@@ -209,7 +209,8 @@ class TrainingRun:
         encoder = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():
             features = self.cache.embeddings(
-                split, batch["image_id"], batch["pixel_values"], partial(image_features, encoder)
+                split, batch["image_id"], batch["pixel_values"],
+                partial(image_features, encoder, project=self.cache.project),
             )
         return sam_forward(self.model, batch, features=features, hq_token_only=hq_token_only)
 
