@@ -6,7 +6,7 @@ the encoder's weights and config, the processor's settings and the image file's 
 another input size or preprocessing, or an edited image file is a miss, never a stale hit. It lives in
 memory, or as one safetensors file per image in a folder (atomic writes, safe to share between processes and
 runs) when it would not fit. What is cached is everything the family's decoder consumes of the encoder
-(``samtune.models.family.image_features``): one embedding (SAM), plus the global layers' outputs (SAM-HQ), or
+(``samtune.models.family.image_features``): one embedding (SAM), plus the first global layer's output (SAM-HQ), or
 three feature levels (SAM 2 / 3), the two finest already through the decoder's projections when those are
 frozen (5x smaller at 1024) and as the encoder gives them when they train.
 """
@@ -143,6 +143,6 @@ def estimate_bytes(model: torch.nn.Module, images: int) -> int:
     else:
         side = vision.image_size // vision.patch_size
         per_image = vision.output_channels * side * side
-        if family_of(base).hq:  # the global layers' outputs, at the encoder's width
-            per_image += len(vision.global_attn_indexes) * vision.hidden_size * side * side
+        if family_of(base).hq:  # the first global layer's output, at the encoder's width
+            per_image += vision.hidden_size * side * side
     return images * per_image * 4

@@ -111,28 +111,87 @@ def demo_sam_config() -> SamConfig:
     )
 
 
-def preset_config(name: str, image_size: int | None = None) -> SamConfig:
-    """The preset's config, optionally at another input size (a multiple of 16; SAM's own is 1024)."""
-    if name == "tiny":
-        return tiny_sam_config(**({"image_size": image_size} if image_size else {}))
+def preset_config(name: str, image_size: int | None = None) -> PreTrainedConfig:
+    """The preset's config (its family's config class), optionally at another square input size: a multiple of 16
+    for SAM / SAM-HQ (published: 1024), of 32 for SAM 2 (1024), of 14 for SAM 3 (1008). Random weights of a
+    published preset are live: every tower's ``initializer_range`` is 0.02 (SAM's ViT default, 1e-10, leaves the
+    encoder dead). ``tiny`` and ``tiny-FAMILY`` are the test-sized ``TINY_CONFIGS``."""
+    if name not in PRESET_FAMILIES:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    if name == "tiny" or name.startswith("tiny-"):
+        return TINY_CONFIGS[PRESET_FAMILIES[name]](**({"image_size": image_size} if image_size else {}))
     if name == "demo":
         if image_size:
             raise ValueError("the demo preset has one input size, 256")
         return demo_sam_config()
-    if name not in PUBLISHED:
-        raise ValueError(f"unknown preset {name!r}; choose from {PRESETS}")
+    if name in PUBLISHED_SAM2:
+        return _sam2_config(PUBLISHED_SAM2[name], image_size or 1024)
+    if name in PUBLISHED_SAM3:
+        return _sam3_tracker_config(image_size or 1008)
+    if image_size is not None and image_size % 16:
+        raise ValueError(f"{name}: the input size must be a multiple of 16 (the patch size), not {image_size}")
     size = {"image_size": image_size} if image_size else {}
+    if name in PUBLISHED_SAM_HQ:
+        vit = PUBLISHED[PUBLISHED_SAM_HQ[name]]
+        return SamHQConfig(
+            vision_config=SamHQVisionConfig(**vit, initializer_range=0.02, **size),
+            prompt_encoder_config=SamHQPromptEncoderConfig(**size),
+            mask_decoder_config=SamHQMaskDecoderConfig(vit_dim=vit["hidden_size"]),
+        )
     return SamConfig(
         vision_config=SamVisionConfig(**PUBLISHED[name], initializer_range=0.02, **size),
         prompt_encoder_config=SamPromptEncoderConfig(**size),
     )
 
 
+def _sam2_config(trunk: dict, image_size: int) -> Sam2Config:
+    """SAM 2.1 with a published Hiera trunk at ``image_size`` (the trunk downsamples by 32)."""
+    if image_size % 32:
+        raise ValueError(f"SAM 2: the input size must be a multiple of 32 (Hiera's stride), not {image_size}")
+    widths = [trunk["width"] * 2**stage for stage in range(4)]
+    backbone = Sam2HieraDetConfig(
+        hidden_size=trunk["width"],
+        num_attention_heads=trunk["heads"],
+        image_size=[image_size, image_size],
+        blocks_per_stage=trunk["blocks_per_stage"],
+        embed_dim_per_stage=widths,
+        num_attention_heads_per_stage=[trunk["heads"] * 2**stage for stage in range(4)],
+        window_size_per_stage=trunk["window_size_per_stage"],
+        global_attention_blocks=trunk["global_attention_blocks"],
+        window_positional_embedding_background_size=trunk["background"],
+    )
+    sides = [image_size // 4, image_size // 8, image_size // 16]
+    vision = Sam2VisionConfig(
+        backbone_config=backbone,
+        backbone_channel_list=widths[::-1],
+        backbone_feature_sizes=[[side, side] for side in sides],
+        fpn_hidden_size=256,
+        fpn_top_down_levels=[2, 3],
+    )
+    return Sam2Config(vision_config=vision, prompt_encoder_config=Sam2PromptEncoderConfig(image_size=image_size))
+
+
+def _sam3_tracker_config(image_size: int) -> Sam3TrackerConfig:
+    """SAM 3's tracker as published (transformers' defaults), at ``image_size`` (patch 14)."""
+    if image_size % 14:
+        raise ValueError(f"SAM 3: the input size must be a multiple of 14 (the patch size), not {image_size}")
+    grid = image_size // 14
+    vision = Sam3VisionConfig(
+        backbone_config=Sam3ViTConfig(image_size=image_size),
+        backbone_feature_sizes=[[4 * grid, 4 * grid], [2 * grid, 2 * grid], [grid, grid]],
+    )
+    return Sam3TrackerConfig(
+        vision_config=vision, prompt_encoder_config=Sam3TrackerPromptEncoderConfig(image_size=image_size)
+    )
+
+
 def tiny_sam_hq_config(image_size: int = 128, hidden_size: int = 32) -> SamHQConfig:
     """SAM-HQ at test size: the tiny SAM's ViT and decoder plus the HQ token and fusion modules."""
     sam = tiny_sam_config(image_size=image_size, hidden_size=hidden_size)
+    # two global layers: the HQ fusion reads the first one's output only, and tests must tell them apart
+    vision = {**sam.vision_config.to_diff_dict(), "num_hidden_layers": 4, "global_attn_indexes": [1, 3]}
     return SamHQConfig(
-        vision_config=SamHQVisionConfig(**sam.vision_config.to_diff_dict()),
+        vision_config=SamHQVisionConfig(**vision),
         prompt_encoder_config=SamHQPromptEncoderConfig(**sam.prompt_encoder_config.to_diff_dict()),
         mask_decoder_config=SamHQMaskDecoderConfig(
             **sam.mask_decoder_config.to_diff_dict(), vit_dim=sam.vision_config.hidden_size

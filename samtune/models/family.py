@@ -6,8 +6,9 @@ metrics, cache and export ask the family; nothing else looks at model classes:
 - geometry: SAM / SAM-HQ resize the longest side and pad; SAM 2 / SAM 3 resize to a fixed square, so masks go
   back to the original size by one bilinear resize instead of upsample, crop, resize;
 - module names behind the adapter presets (``samtune.models.methods``);
-- what the image encoder hands the decoder: SAM one embedding; SAM-HQ the embedding and the global-attention
-  layers' outputs (``intermediate_embeddings``); SAM 2 / SAM 3 three feature levels, of which the decoder
+- what the image encoder hands the decoder: SAM one embedding; SAM-HQ the embedding and the first
+  global-attention layer's output (``intermediate_embeddings[0]``, all its decoder reads); SAM 2 / SAM 3 three
+  feature levels, of which the decoder
   projects the two finest itself (``conv_s0`` / ``conv_s1``, decoder weights, so the cache stores them raw);
 - extra outputs and options: SAM 2 / SAM 3 object-score logits, SAM-HQ's ``hq_token_only``;
 - whether samtune's fast image encoder applies (the SAM ViT: SAM and SAM-HQ).
@@ -139,8 +140,8 @@ def image_features(
             features["projected1"] = base.mask_decoder.conv_s1(features.pop("level1"))
         return features
     features = {"embedding": out[0]}
-    if family.hq:
-        features.update({f"intermediate{n}": t for n, t in enumerate(out.intermediate_embeddings)})
+    if family.hq:  # the decoder fuses the first global layer's output only (as SAM-HQ's MaskDecoderHQ does)
+        features["intermediate0"] = out.intermediate_embeddings[0]
     return features
 
 
@@ -161,8 +162,7 @@ def decoder_inputs(model: torch.nn.Module, features: dict[str, torch.Tensor]) ->
         return {"image_embeddings": levels}
     inputs = {"image_embeddings": features["embedding"]}
     if family.hq:
-        count = sum(1 for key in features if key.startswith("intermediate"))
-        inputs["intermediate_embeddings"] = [features[f"intermediate{n}"] for n in range(count)]
+        inputs["intermediate_embeddings"] = [features["intermediate0"]]
     return inputs
 
 
