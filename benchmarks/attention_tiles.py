@@ -25,9 +25,11 @@ import torch
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
 import samtune.models.fast_encoder as fast
-from samtune.models.architectures import PRESETS, preset_config
+from samtune.models.architectures import PRESET_FAMILIES, preset_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# the fast encoder's attention is SAM's ViT attention: SAM and SAM-HQ presets (SAM-HQ's ViT is SAM's)
+VIT_PRESETS = [name for name, family in PRESET_FAMILIES.items() if family in ("sam", "sam_hq")]
 
 
 def layer(preset: str, image_size: int | None) -> SamVisionSdpaAttention:
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         quick="the tiny preset at 128 px, tiles 2^8 and 2^20, 3 timed calls after 1 warm-up",
         cpu_only="it measures the fast encoder's CPU attention kernels",
     )
-    parser.add_argument("--preset", default="vit-b", choices=PRESETS)
+    parser.add_argument("--preset", default="vit-b", choices=VIT_PRESETS, help="a SAM / SAM-HQ ViT preset")
     parser.add_argument("--image-size", type=int, help="input size (default: the preset's, 1024)")
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     parser.add_argument("--tiles", nargs="+", type=int, default=[19, 20, 21, 22], help="log2 scores per tile")

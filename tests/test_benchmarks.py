@@ -152,7 +152,7 @@ def test_param_counts_quick_match_known_sizes(load, tmp_path):
     module = load("param_counts")
     rows = module.main(["--quick", "--threads", "1", "--json", str(tmp_path / "p.json")])
     check_report(tmp_path / "p.json", rows, "param_counts", device="cpu")
-    targets = list(module.TARGET_PRESETS)
+    targets = list(module.TARGET_PRESET_NAMES)
     assert [(r["method"], r["targets"]) for r in rows] == [("full", "-"), ("decoder", "-")] + [
         (method, t) for method in ("lora", "dora") for t in targets
     ]
@@ -168,6 +168,73 @@ def test_param_counts_quick_match_known_sizes(load, tmp_path):
     for row in rows[1:]:
         assert row["encoder"] + row["decoder"] == row["trainable"]
         assert row["percent"] == pytest.approx(100 * row["trainable"] / 93_735_728)
+
+
+def test_presets_are_the_published_configs():
+    """SAM 2.1 Hiera-T and the SAM 3 tracker presets are transformers' defaults (its docs name those checkpoints);
+    every published preset builds its family's config at another input size, and refuses sizes its patch or
+    stride cannot tile."""
+    from transformers import Sam2Config, Sam3TrackerConfig
+
+    from samtune.models.architectures import PRESET_FAMILIES, preset_config
+    from samtune.models.family import family_of
+
+    assert preset_config("sam2.1-hiera-t").to_dict() == Sam2Config().to_dict()
+    assert preset_config("sam3-tracker").to_dict() == Sam3TrackerConfig().to_dict()
+    for name, family in PRESET_FAMILIES.items():
+        if name == "demo":
+            continue
+        config = preset_config(name, 224)  # 224 = 14 * 16 = 7 * 32: every family's patch and stride tile it
+        assert family_of(config).model_type == family and config.prompt_encoder_config.image_size == 224, name
+    assert preset_config("sam2.1-hiera-l", 448).vision_config.backbone_feature_sizes == [[112, 112], [56, 56],
+                                                                                          [28, 28]]  # fmt: skip
+    assert preset_config("sam-hq-vit-l").mask_decoder_config.vit_dim == 1024  # the HQ fusion reads the ViT's width
+    for name, size in (("sam2.1-hiera-t", 1008), ("sam3-tracker", 1024), ("vit-b", 1000)):
+        with pytest.raises(ValueError, match="multiple of"):
+            preset_config(name, size)
+
+
+def test_param_counts_every_family(load):
+    """One published preset per other family, counted on the meta device: totals, what each method trains, and
+    every adapter count where it lands (encoder + decoder)."""
+    from samtune.models.family import HQ_MODULES
+
+    counts = load("param_counts")
+
+    def rows(name, *plans):
+        return {(method, targets, modules): counts.count(name, method, targets, 8, modules)
+                for method, targets, modules in plans}  # fmt: skip
+
+    hq = rows("sam-hq-vit-b", ("full", "peft-sam", ()), ("hq", "peft-sam", ()), ("lora", "peft-sam", ("hq",)))
+    model = counts.build("sam-hq-vit-b")
+    prefixes = tuple(f"{name}." for name in HQ_MODULES)
+    hq_size = sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefixes))
+    assert hq_size == 94_806_832 - 93_735_728 == 1_071_104  # SAM-HQ ViT-B is SAM ViT-B plus its HQ modules
+    full, only_hq, lora_hq = hq.values()
+    assert full["base_total"] == full["trainable"] == 94_806_832
+    assert only_hq["trainable"] == only_hq["decoder"] == only_hq["hq_modules_total"] == hq_size
+    lora = counts.count("sam-hq-vit-b", "lora", "peft-sam", 8)
+    assert lora_hq["trainable"] == lora["trainable"] + hq_size and lora["trainable"] == 342_016
+    # SAM 2.1 Hiera-T: LoRA r8 on qkv (in -> 3 x width) and proj of 12 blocks in stages of 96 / 192 / 384 / 768;
+    # a stage's first block reads the previous width
+    hiera = rows("sam2.1-hiera-t", ("full", "peft-sam", ()), ("decoder", "peft-sam", ()),
+                 ("lora", "encoder-attn", ()))  # fmt: skip
+    full2, decoder2, lora2 = hiera.values()
+    widths = [96] + [192] * 2 + [384] * 7 + [768] * 2
+    expected = sum(8 * (w_in + 3 * w) + 8 * 2 * w for w_in, w in zip([96, *widths[:-1]], widths))
+    assert lora2["trainable"] == lora2["encoder"] == expected == 220_416
+    assert full2["trainable"] == full2["base_total"] == 31_440_721
+    assert decoder2["trainable"] == decoder2["decoder"] == full2["decoder"] == 4_215_109
+    # SAM 3 tracker: unfused q / k / v / o (1024 -> 1024) in 32 layers
+    sam3 = counts.count("sam3-tracker", "lora", "encoder-attn", 8)
+    assert sam3["trainable"] == sam3["encoder"] == 32 * 4 * 8 * (1024 + 1024)
+    assert sam3["base_total"] == 458_260_369 and sam3["model_class"] == "Sam3TrackerModel"
+    for row in [*hq.values(), lora, *hiera.values(), sam3]:
+        if row["method"] != "full":  # full also trains the prompt encoder
+            assert row["encoder"] + row["decoder"] == row["trainable"], row
+    assert [m for m, _, _ in counts.plan("sam-hq-vit-b")].count("hq") == 1 and "hq" not in [
+        m for m, _, _ in counts.plan("sam2.1-hiera-t")
+    ]
 
 
 def test_latency_quick(load, tmp_path):
@@ -204,6 +271,28 @@ def test_latency_quick(load, tmp_path):
     assert [r["fast"] for r in rows] == [False] * 5 + [True] * 3
 
 
+def test_latency_across_families(load, tmp_path):
+    """Two families side by side in one run: SAM 2's -fast row is reported as not applying, not measured."""
+    out = tmp_path / "families.json"
+    argv = ["--quick", "--threads", "1", "--preset", "tiny", "tiny-sam2", "--rows", "sdpa-fp32", "sdpa-fp32-fast",
+            "--repeats", "1", "--warmup", "0", "--parts", "encoder", "decoder", "--json", str(out)]  # fmt: skip
+    rows = load("latency").main(argv)
+    meta = check_report(out, rows, "latency")
+    assert [(m["model"], m["family"], m["image_size"], m["fast_encoder_applies"]) for m in meta["models"]] == [
+        ("tiny", "sam", 128, True), ("tiny-sam2", "sam2", 128, False)
+    ]  # fmt: skip
+    assert meta["parts"] == ["encoder", "decoder"]
+    assert [(r["model"], r["row"]) for r in rows] == [(m, r) for m in ("tiny", "tiny-sam2") for r in argv[7:9]]
+    sam, sam_fast, sam2, sam2_fast = rows
+    assert sam_fast["fast"] and sam_fast["fast_encoder_applies"] and "skipped" not in sam_fast
+    assert "skipped" in sam2_fast and "SAM 2" in sam2_fast["skipped"] and sam2_fast["fast_encoder_applies"] is False
+    for row in (sam, sam_fast, sam2):
+        assert "error" not in row, row
+        assert "end_to_end_median_ms" not in row and "images_per_s" not in row  # not asked for
+        assert row["decoder_per_prompt_median_ms"] == row["decoder_median_ms"] and row["encoder_gflop"] > 0
+    assert sam2["family"] == "sam2" and not sam2["fast"]
+
+
 def test_train_throughput_quick(load, tmp_path):
     out = tmp_path / "train.json"
     module = load("train_throughput")
@@ -223,6 +312,20 @@ def test_train_throughput_quick(load, tmp_path):
         # what trains is what param_counts counts: 4-bit methods train what their full-precision twins train
         twin = row["method"].removeprefix("q")
         assert row["trainable"] == counts.count("tiny", twin, "peft-sam", 8)["trainable"]
+
+
+def test_train_throughput_other_family(load, tmp_path):
+    """A SAM 2 step trains what param_counts counts; the fast encoder's row is skipped there."""
+    out = tmp_path / "train2.json"
+    module = load("train_throughput")
+    argv = ["--quick", "--threads", "1", "--preset", "tiny-sam2", "--methods", "decoder", "--steps", "1",
+            "--json", str(out)]  # fmt: skip
+    plain, fast = module.main(argv)
+    meta = check_report(out, [plain, fast], "train_throughput")
+    assert (meta["family"], meta["fast_encoder_applies"], meta["image_size"]) == ("sam2", False, 128)
+    assert "error" not in plain and plain["family"] == "sam2" and math.isfinite(plain["step_median_ms"])
+    assert plain["trainable"] == load("param_counts").count("tiny-sam2", "decoder", "peft-sam", 8)["trainable"]
+    assert fast["encoder"] == "fast" and "SAM 2" in fast["skipped"]
 
 
 def test_data_loading_quick(load, tmp_path):

@@ -39,7 +39,8 @@ from transformers import (
 
 from samtune.models.family import family_of
 
-# Image-encoder shapes of the published checkpoints (their prompt encoder and mask decoder are all the same).
+# Image-encoder shapes of the published SAM checkpoints (their prompt encoder and mask decoder are all the same);
+# segment-anything's build_sam.py, SlimSAM's pruned widths as transformers' SAM conversion script sets them.
 _GLOBAL_EVERY_3RD = {"num_hidden_layers": 12, "num_attention_heads": 12, "global_attn_indexes": [2, 5, 8, 11]}
 PUBLISHED = {
     "vit-b": {"hidden_size": 768, **_GLOBAL_EVERY_3RD},
@@ -50,7 +51,46 @@ PUBLISHED = {
     "slimsam-50": {"hidden_size": 384, "mlp_dim": 1536, **_GLOBAL_EVERY_3RD},
     "slimsam-77": {"hidden_size": 168, "mlp_dim": 696, **_GLOBAL_EVERY_3RD},
 }  # fmt: skip
-PRESETS = (*PUBLISHED, "demo", "tiny")
+# SAM-HQ (segment-anything-hq's build_sam_hq.py): SAM's ViT, SAM's decoder plus the HQ token and the fusion of the
+# first global layer's features, read at the ViT's width (vit_dim).
+PUBLISHED_SAM_HQ = {"sam-hq-vit-b": "vit-b", "sam-hq-vit-l": "vit-l", "sam-hq-vit-h": "vit-h"}
+# SAM 2.1 Hiera trunks (facebookresearch/sam2, sam2/configs/sam2.1/sam2.1_hiera_{t,s,b+,l}.yaml; B+ is Hiera's
+# defaults in sam2/modeling/backbones/hieradet.py). Width and heads double at each of the three stage changes
+# (dim_mul = head_mul = 2); the FPN neck reads every stage (backbone_channel_list, widest first) into 256
+# channels, top-down fusion from levels 2 and 3, the decoder reading levels at 1/4, 1/8 and 1/16 of the input.
+_HIERA_WINDOWS = [8, 4, 14, 7]
+PUBLISHED_SAM2 = {
+    "sam2.1-hiera-t": {"width": 96, "heads": 1, "blocks_per_stage": [1, 2, 7, 2], "global_attention_blocks": [5, 7, 9],
+                       "window_size_per_stage": _HIERA_WINDOWS, "background": [7, 7]},
+    "sam2.1-hiera-s": {"width": 96, "heads": 1, "blocks_per_stage": [1, 2, 11, 2],
+                       "global_attention_blocks": [7, 10, 13], "window_size_per_stage": _HIERA_WINDOWS,
+                       "background": [7, 7]},
+    "sam2.1-hiera-b+": {"width": 112, "heads": 2, "blocks_per_stage": [2, 3, 16, 3],
+                        "global_attention_blocks": [12, 16, 20], "window_size_per_stage": _HIERA_WINDOWS,
+                        "background": [14, 14]},
+    "sam2.1-hiera-l": {"width": 144, "heads": 2, "blocks_per_stage": [2, 6, 36, 4],
+                       "global_attention_blocks": [23, 33, 43], "window_size_per_stage": [8, 4, 16, 8],
+                       "background": [7, 7]},
+}  # fmt: skip
+# SAM 3's tracker: transformers' Sam3TrackerConfig defaults are the published model (facebookresearch/sam3's
+# model_builder: ViT 1024 wide, 32 layers, 16 heads, MLP ratio 4.625 = 4736, windows of 24 with global layers
+# 7 / 15 / 23 / 31, patch 14 at 1008, RoPE from a 336 pretraining size; SAM 2's decoder on 3 FPN levels).
+# EdgeTAM is left out: its backbone comes through timm, which needs torchvision, which does not import here.
+PUBLISHED_SAM3 = ("sam3-tracker",)
+# Every preset's family (config.model_type).
+PRESET_FAMILIES = {
+    **dict.fromkeys(PUBLISHED, "sam"),
+    **dict.fromkeys(PUBLISHED_SAM_HQ, "sam_hq"),
+    **dict.fromkeys(PUBLISHED_SAM2, "sam2"),
+    **dict.fromkeys(PUBLISHED_SAM3, "sam3_tracker"),
+    "demo": "sam",
+    "tiny": "sam",
+    # test-sized models of the other families (TINY_CONFIGS): quick benchmarks and tests
+    "tiny-sam-hq": "sam_hq",
+    "tiny-sam2": "sam2",
+    "tiny-sam3-tracker": "sam3_tracker",
+}
+PRESETS = tuple(PRESET_FAMILIES)
 
 
 def tiny_sam_config(image_size: int = 128, patch_size: int = 16, hidden_size: int = 32) -> SamConfig:
