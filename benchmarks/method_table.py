@@ -1,9 +1,12 @@
-"""The PEFT-SAM experiment in miniature: every method adapting the shipped demo base to the target domain.
+"""The PEFT-SAM experiment in miniature: every method adapting a shipped demo base to the target domain.
 
-    python benchmarks/method_table.py [--methods none full decoder lora dora qlora qdora] [--seeds 0 1 2]
-        [--output runs/method-table] [--markdown table.md] [--threads 1] [--json table.json]
+    python benchmarks/method_table.py [--base sam|sam2] [--methods none full decoder lora dora qlora qdora]
+        [--seeds 0 1 2] [--output runs/method-table] [--markdown table.md] [--threads 1] [--json table.json]
         [-- --train.epochs 6 ...]
     python benchmarks/method_table.py --quick --json out.json   # none and dora, 2 seeds, 2 steps on 6 images
+
+--base picks the demo base (``samtune.demo.bases``): sam (default, ``samtune/demo/base``) or sam2 (SAM 2's
+architecture, ``samtune/demo/base-sam2``), each run as ``samtune train --model.demo_base BASE`` would.
 
 Each (method, seed) is one ``samtune/train.py`` run in its own process (so its peak memory is its own) with the
 default run's settings (``samtune/demo/run.yaml``, ``samtune.demo.assets.RUN_CONFIG``) and the method's learning
@@ -40,6 +43,8 @@ METHODS = ("none", "dora", "lora", "qdora", "qlora", "decoder", "full")
 LEARNING_RATES = {"full": 3e-4, "decoder": 1e-3, "lora": 3e-3, "dora": 3e-3, "qlora": 3e-3, "qdora": 3e-3}
 QUICK_SPLITS = {"train": 6, "val": 3, "test": 3}  # images per tiny target-domain split under --quick
 MEASURES = ("test_mIoU", "test_mF1", "gain_mIoU", "start_mIoU")
+BASES = ("sam", "sam2")  # samtune.demo.bases.BASES, named here so that --help does not load transformers
+DEFAULT_BASE = "sam"
 
 
 def launch(command: list[str], env: dict[str, str]) -> None:
@@ -57,13 +62,17 @@ def run_env(device: torch.device, threads: int) -> dict[str, str]:
     return env
 
 
-def run_one(method: str, seed: int, output: Path, extra: list[str], threads: int, device: torch.device) -> dict:
+def run_one(
+    method: str, seed: int, output: Path, extra: list[str], threads: int, device: torch.device, base: str = "sam"
+) -> dict:
     """Train (or only score, for ``none``) in a fresh process; reuse a finished run's results."""
     folder = output / f"{method}-seed{seed}"
     results_file = folder / "results.json"
     if not results_file.exists():
         command = [sys.executable, str(TRAIN_SCRIPT), "--peft.method", method, "--train.seed", str(seed),
                    "--output_dir", str(folder), "--train.resume_from", "latest"]  # fmt: skip
+        if base != DEFAULT_BASE:
+            command += ["--model.demo_base", base]
         if method in LEARNING_RATES:
             command += ["--train.lr", str(LEARNING_RATES[method])]
         started = time.perf_counter()
@@ -142,13 +151,15 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def quick_data(output: Path) -> list[str]:
+def quick_data(output: Path, base: str = "sam") -> list[str]:
     """Tiny target-domain splits under ``output/data`` (made once), as train.py arguments with the demo base and
     the default run's settings, 2 steps, no DataLoader workers."""
-    from samtune.demo.assets import BASE_DIR, RUN_CONFIG
+    from samtune.demo.assets import RUN_CONFIG
+    from samtune.demo.bases import demo_base
     from samtune.demo.domains import DomainSpec, make_domain_coco
 
-    extra = ["--config", str(RUN_CONFIG), "--model.name_or_path", str(BASE_DIR), "--train.max_steps", "2",
+    folder = demo_base(base).folder
+    extra = ["--config", str(RUN_CONFIG), "--model.name_or_path", str(folder), "--train.max_steps", "2",
              "--data.num_workers", "0", "--train.log_images", "0"]  # fmt: skip
     for seed, (name, count) in enumerate(QUICK_SPLITS.items(), start=9001):
         folder = output / "data" / name
@@ -169,6 +180,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         quick="methods none and dora, seeds 0 and 1, 2 steps on tiny generated splits (output runs/method-table-quick)",
         threads=1,
     )
+    parser.add_argument("--base", default=DEFAULT_BASE, choices=BASES, help="the demo base (default: sam)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "method-table", help="one folder per run")
@@ -182,11 +194,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = common.parse(parser, argv[: argv.index("--")] if "--" in argv else argv, quick=QUICK)
     args.argv = argv
     if args.quick:
-        extra = quick_data(args.output) + extra  # the user's arguments come last and win
+        extra = quick_data(args.output, args.base) + extra  # the user's arguments come last and win
     runs = []
     for method in args.methods:
         for seed in args.seeds:
-            run = run_one(method, seed, args.output, extra, args.threads, args.device)
+            run = run_one(method, seed, args.output, extra, args.threads, args.device, args.base)
             runs.append(run)
             print(json.dumps(run), flush=True)
     rows = summarise(runs)
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args,
         rows,
         output=str(args.output),
+        base=args.base,
         train_args=extra,
         learning_rates=LEARNING_RATES,
         statistic="mean and sample std over seeds",

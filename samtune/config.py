@@ -39,6 +39,11 @@ class ModelConfig:
         "hub id or local folder of any SAM family (SAM, SAM-HQ, SAM 2 / 2.1, SAM 3 tracker), or an original "
         "SAM / MedSAM / SAM-HQ .pth or SAM 2 .pt checkpoint; empty: the built-in demo model",
     )
+    demo_base: Literal["sam", "sam2"] = knob(  # the names of samtune.demo.bases.BASES
+        "sam",
+        "the built-in demo's base, when neither a model nor data is given: sam (SAM) or sam2 (SAM 2), both "
+        "pretrained by samtune on the demo's source domain",
+    )
     attn_implementation: Literal["sdpa", "eager"] = knob("sdpa", "attention kernel")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = knob("float32", "dtype the weights load in")
     gradient_checkpointing: bool = knob(False, "recompute image-encoder activations in backward to save memory")

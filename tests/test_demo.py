@@ -1,16 +1,19 @@
 """The offline demo: the source / target domains, the pretraining command, the shipped base, the default run."""
 
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
-from transformers import SamModel, SamProcessor
+from transformers import AutoModelForMaskGeneration, Sam2Model, SamModel, SamProcessor
 
-from samtune.config import ConfigError, load_config
+from samtune.config import ConfigError, ModelConfig, load_config
 from samtune.data.coco import CocoIndex
-from samtune.demo import assets
+from samtune.demo import assets, bases
 from samtune.demo.domains import MIN_VISIBLE_PIXELS, TARGET_CATEGORIES, DomainSpec, make_domain_coco, render
 from samtune.demo.pretrain import main as demo_main
 from samtune.models.architectures import demo_sam_config
@@ -136,24 +139,70 @@ def test_a_short_default_run_raises_test_miou_on_the_target_domain(small_demo):
 
 
 @pytest.mark.slow
-def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, monkeypatch, capsys):
-    monkeypatch.setattr(assets, "BASE_DIR", small_demo / "installed" / "demo-base")
+@pytest.mark.parametrize("base", ["sam", "sam2"])
+def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, monkeypatch, base):
+    installed = small_demo / "installed" / f"demo-base-{base}"
+    monkeypatch.setitem(bases.BASES, base, dataclasses.replace(bases.BASES[base], folder=installed))
     out = small_demo / "pretrain"
-    demo_main(["pretrain", "--output", str(out), "--steps", "2", "--install", "--data.num_workers", "0"])
+    chosen = [] if base == "sam" else ["--base", base]  # sam: the command as it always was
+    demo_main(["pretrain", "--output", str(out), *chosen, "--steps", "2", "--install", "--data.num_workers", "0"])
     record = json.loads((out / "pretraining.json").read_text())
-    assert record["steps"] == 2 and record["command"].startswith("samtune demo pretrain")
+    assert record["steps"] == 2 and record["base"] == base
+    given = " ".join(["--output", str(out), *chosen, "--seed", "0", "--steps", "2", "--data.num_workers", "0"])
+    assert record["command"] == f"samtune demo pretrain {given}"  # what ran, to run it again
     for key in ("source_val_box_mIoU", "source_val_point_mIoU", "target_test_box_mIoU", "target_test_point_mIoU"):
         assert 0 <= record[key] <= 1
     lines = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["kind"] == "zero-shot"
-    model = SamModel.from_pretrained(assets.BASE_DIR)
-    trained = SamModel.from_pretrained(out / "run" / "best")
+    model = AutoModelForMaskGeneration.from_pretrained(installed)
+    assert model.config.model_type == base and record["parameters"] == sum(p.numel() for p in model.parameters())
+    trained = AutoModelForMaskGeneration.from_pretrained(out / "run" / "best")
     for (name, a), (_, b) in zip(model.state_dict().items(), trained.state_dict().items()):
         assert (a == b).all(), name
-    assert Path(assets.BASE_DIR / "pretraining.json").exists()
+    assert (installed / "pretraining.json").exists() and (installed / "processor_config.json").exists()
 
 
 def test_the_demo_run_is_one_file_shipped_with_the_package():
     assert parse_config([]) == load_config(assets.RUN_CONFIG)
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
-    assert "demo/*.yaml" in pyproject and "demo/base/*" in pyproject
+    assert "demo/*.yaml" in pyproject and "demo/base/*" in pyproject and "demo/base-sam2/*" in pyproject
+
+
+def test_the_demo_bases_are_one_registry(tiny_demo):
+    assert list(bases.BASES) == list(typing.get_args(typing.get_type_hints(ModelConfig)["demo_base"]))
+    assert bases.BASES[bases.DEFAULT_BASE].folder == assets.BASE_DIR == assets.prepare_demo().model
+    assert ModelConfig().demo_base == bases.DEFAULT_BASE and parse_config([]).model.demo_base == "sam"
+    assert assets.prepare_demo(base="sam2").model == bases.BASES["sam2"].folder
+    with pytest.raises(ConfigError, match="model.demo_base"):
+        parse_config(["--model.demo_base", "vit-h"])
+    with pytest.raises(ValueError, match="unknown demo base"):
+        bases.demo_base("vit-h")
+
+
+def test_the_sam2_demo_config_trains_from_scratch():
+    config = bases.demo_sam2_config()
+    backbone = config.vision_config.backbone_config
+    assert config.model_type == "sam2" and config.prompt_encoder_config.image_size == 256
+    assert backbone.image_size == [256, 256] and config.vision_config.backbone_feature_sizes == [[64, 64], [32, 32],
+                                                                                               [16, 16]]  # fmt: skip
+    starts = np.cumsum([0, *backbone.blocks_per_stage[:-1]])
+    assert not set(backbone.global_attention_blocks) & set(starts.tolist())  # no global block opens a stage
+    assert min(config.initializer_range, config.vision_config.initializer_range, backbone.initializer_range) == 0.02
+    assert config.prompt_encoder_config.scale == 1  # low-frequency prompt encoding, as original SAM
+    model = Sam2Model(config)
+    count = sum(p.numel() for p in model.parameters())
+    assert 0.8e6 < count < 1.3e6  # about the SAM demo base's 1.17M
+    features = model.vision_encoder(torch.randn(1, 3, 256, 256)).fpn_hidden_states
+    assert all(level.std() > 1e-3 for level in features)  # a live encoder (1e-10 weights: outputs ~0)
+    sum(level.pow(2).mean() for level in features).backward()
+    assert model.vision_encoder.backbone.patch_embed.projection.weight.grad.abs().max() > 1e-6  # a gradient reaches it
+
+
+@pytest.fixture
+def tiny_demo(tmp_path, monkeypatch):
+    """The demo with tiny target-domain splits in a private cache."""
+    monkeypatch.setenv("SAMTUNE_CACHE", str(tmp_path / "cache"))
+    splits = {"train": DomainSpec("target", 4, seed=7001), "val": DomainSpec("target", 2, seed=7002),
+              "test": DomainSpec("target", 2, seed=7003)}  # fmt: skip
+    monkeypatch.setattr(assets, "TARGET_SPLITS", splits)
+    return tmp_path

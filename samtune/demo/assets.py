@@ -1,7 +1,8 @@
 """What the demo runs on: the shipped base, its default-run settings and the generated target-domain splits.
 
 ``accelerate launch samtune/train.py`` with no model or data runs it: the base in ``samtune/demo/base``
-(pretrained by samtune itself on the synthetic *source* domain) is fine-tuned with the settings in
+(pretrained by samtune itself on the synthetic *source* domain; ``--model.demo_base sam2``: the SAM 2 base in
+``samtune/demo/base-sam2``, see ``samtune.demo.bases``) is fine-tuned with the settings in
 ``samtune/demo/run.yaml`` on the *target* domain (``samtune.demo.domains``), and scored zero-shot and
 fine-tuned on the held-out test split. The splits are generated on first use and cached.
 """
@@ -17,7 +18,7 @@ from samtune.demo.domains import DomainSpec, make_domain_coco
 
 DEMO_VERSION = 2  # bump when what the demo generates changes, so old caches are not reused
 HERE = Path(__file__).resolve().parent
-BASE_DIR = HERE / "base"
+BASE_DIR = HERE / "base"  # the default base, SAM's; every base: samtune.demo.bases
 RUN_CONFIG = HERE / "run.yaml"  # the default run's settings, under the user's file and keys
 PRETRAIN_CONFIG = HERE / "pretrain.yaml"  # how the base is pretrained from random weights
 TARGET_SPLITS = {
@@ -67,10 +68,13 @@ def _splits(folder: Path, specs: dict[str, DomainSpec]) -> dict[str, tuple[Path,
     return {name: (folder / name / "annotations.json", folder / name / "images") for name in specs}
 
 
-def prepare_demo(root: str | Path | None = None) -> DemoPaths:
-    """The shipped base and the target-domain train / val / test splits (generated once, then cached)."""
+def prepare_demo(root: str | Path | None = None, base: str = "sam") -> DemoPaths:
+    """A shipped base (``samtune.demo.bases``: sam, the default, or sam2) and the target-domain train / val / test
+    splits (generated once, then cached; the same for every base)."""
+    from samtune.demo.bases import demo_base  # here: it loads transformers
+
     splits = _splits(Path(root) if root else cache_root() / f"demo-v{DEMO_VERSION}" / "target", TARGET_SPLITS)
-    return DemoPaths(BASE_DIR, *splits["train"], *splits["val"], *splits["test"])
+    return DemoPaths(demo_base(base).folder, *splits["train"], *splits["val"], *splits["test"])
 
 
 def prepare_source(root: str | Path | None = None) -> dict[str, tuple[Path, Path]]:

@@ -1,10 +1,13 @@
-"""Pretrain the demo base from random weights on the synthetic source domain, with samtune's own loop.
+"""Pretrain a demo base from random weights on the synthetic source domain, with samtune's own loop.
 
-    samtune demo pretrain --output runs/demo-pretrain [--seed N] [--steps N] [--install] [--section.key v]
+    samtune demo pretrain --output runs/demo-pretrain [--base sam|sam2] [--seed N] [--steps N] [--install]
+        [--section.key v]
 
-Settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps); resumable (the run
-continues from its latest checkpoint). Scores source val and target test with box and point prompts into
-``pretraining.json``; ``--install`` copies the best weights into ``samtune/demo/base``.
+``--base`` picks the architecture (``samtune.demo.bases``: sam, the default, or sam2); every base is pretrained
+the same way, with the settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps);
+resumable (the run continues from its latest checkpoint). Scores source val and target test with box and point
+prompts into ``pretraining.json``; ``--install`` copies the best weights into the base's folder
+(``samtune/demo/base``, ``samtune/demo/base-sam2``).
 """
 
 from __future__ import annotations
@@ -18,19 +21,26 @@ from pathlib import Path
 
 from samtune.config import parse_args
 from samtune.demo import assets
+from samtune.demo.bases import BASES, DEFAULT_BASE, demo_base
 from samtune.evaluate import main as evaluate_main
-from samtune.models.architectures import demo_sam_config, save_random_sam
+from samtune.models.architectures import save_random_sam
 from samtune.train import train
 
 
-def pretrain(output: str | Path, steps: int | None = None, seed: int = 0, extra: list[str] | None = None) -> dict:
+def pretrain(
+    output: str | Path,
+    steps: int | None = None,
+    seed: int = 0,
+    extra: list[str] | None = None,
+    base: str = DEFAULT_BASE,
+) -> dict:
     """Pretrain a base on the source domain; score it on both domains; record the command and the scores."""
     output = Path(output)
     source = assets.prepare_source()
-    target = assets.prepare_demo()
+    target = assets.prepare_demo(base=base)
     init = output / "init"
     if not init.exists():
-        save_random_sam(demo_sam_config(), init, seed=seed)
+        save_random_sam(demo_base(base).config(), init, seed=seed)
     paths = {
         "model.name_or_path": init,
         "data.train_annotations": source["train"][0], "data.train_images": source["train"][1],
@@ -53,8 +63,13 @@ def pretrain(output: str | Path, steps: int | None = None, seed: int = 0, extra:
             )  # fmt: skip
             scores[f"{name}_{prompt}_mIoU"] = metrics["mIoU"]
     record = {
-        "command": f"samtune demo pretrain --output {output} --seed {seed}"
-        + (f" --steps {steps}" if steps else ""),
+        "command": f"samtune demo pretrain --output {output}"
+        + (f" --base {base}" if base != DEFAULT_BASE else "")
+        + f" --seed {seed}"
+        + (f" --steps {steps}" if steps else "")
+        + "".join(f" {item}" for item in extra or []),
+        "base": base,
+        "parameters": results["parameters"]["all"]["total"],
         "minutes": round(minutes, 1),
         "steps": config.train.max_steps,
         "best_step": results.get("best_step"),
@@ -66,8 +81,9 @@ def pretrain(output: str | Path, steps: int | None = None, seed: int = 0, extra:
 
 
 def install(output: str | Path, base_dir: Path | None = None) -> Path:
-    """Copy a pretraining run's best weights and processor into the package as the shipped base."""
-    base_dir = base_dir or assets.BASE_DIR
+    """Copy a pretraining run's best weights and processor into the package as the shipped base (default: the
+    default base's folder)."""
+    base_dir = base_dir or demo_base(DEFAULT_BASE).folder
     best = Path(output) / "run" / "best"
     scratch = base_dir.with_name(f"{base_dir.name}.new")
     shutil.rmtree(scratch, ignore_errors=True)
@@ -87,15 +103,16 @@ def main(argv: list[str] | None = None) -> None:
     run = commands.add_parser("pretrain", help="pretrain the demo base on the source domain (extra: --section.key v)")
     run.add_argument("--output", default="runs/demo-pretrain", help="run folder (resumes if it has checkpoints)")
     run.add_argument("--steps", type=int, help="optimizer steps (default: train.max_steps of demo/pretrain.yaml)")
+    run.add_argument("--base", default=DEFAULT_BASE, choices=list(BASES), help="the architecture (default: sam)")
     run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--install", action="store_true", help=f"copy the result to {assets.BASE_DIR}")
+    run.add_argument("--install", action="store_true", help="copy the result to the base's folder, samtune/demo/BASE")
     commands.add_parser("prepare", help="generate and cache the demo splits")
     args, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "prepare":
         print(assets.prepare_demo(), assets.prepare_source(), sep="\n")
         return
-    record = pretrain(args.output, args.steps, args.seed, extra)
+    record = pretrain(args.output, args.steps, args.seed, extra, base=args.base)
     print(json.dumps(record, indent=2))
     if args.install:
-        print(f"installed {install(args.output)}")
+        print(f"installed {install(args.output, demo_base(args.base).folder)}")

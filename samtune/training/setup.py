@@ -47,10 +47,11 @@ def make_accelerator(config: Config) -> Accelerator:
 
 
 def fill_demo_defaults(config: Config) -> None:
-    """With neither a model nor any data given, the shipped demo base and the demo's splits (made on first use)."""
+    """With neither a model nor any data given, the shipped demo base ``model.demo_base`` and the demo's splits
+    (made on first use)."""
     if not is_demo(config):
         return
-    demo, data = prepare_demo(), config.data
+    demo, data = prepare_demo(base=config.model.demo_base), config.data
     config.model.name_or_path = str(demo.model)
     data.train_annotations, data.train_images = str(demo.train_annotations), str(demo.train_images)
     data.val_annotations, data.val_images = str(demo.val_annotations), str(demo.val_images)
