@@ -41,8 +41,8 @@ class ModelConfig:
     )
     demo_base: Literal["sam", "sam2"] = knob(  # the names of samtune.demo.bases.BASES
         "sam",
-        "the built-in demo's base, when neither a model nor data is given: sam (SAM) or sam2 (SAM 2), both "
-        "pretrained by samtune on the demo's source domain",
+        "the built-in demo's base, when neither a model nor data is given: sam (SAM, shipped) or sam2 (SAM 2: "
+        "not shipped yet, make it with samtune demo pretrain --base sam2 --install)",
     )
     attn_implementation: Literal["sdpa", "eager"] = knob("sdpa", "attention kernel")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = knob("float32", "dtype the weights load in")

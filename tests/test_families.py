@@ -233,3 +233,18 @@ def test_predict_prompted_and_automatic(family, folders, splits, tmp_path):
     assert automatic  # no filter left: the grid's masks, de-duplicated
     for r in prompted + automatic:
         assert tuple(r["segmentation"]["size"]) == sizes.get(r["file_name"], sizes[first])
+
+
+def test_a_demo_base_that_is_not_installed_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """The SAM 2 demo base is registered but its weights are not shipped yet: the demo says how to make them."""
+    from samtune.demo import bases
+    from samtune.errors import run_command
+    from samtune.train import main
+
+    monkeypatch.setitem(bases.BASES, "sam2", bases.DemoBase("sam2", tmp_path / "absent", bases.demo_sam2_config))
+    monkeypatch.setenv("SAMTUNE_CACHE", str(tmp_path / "cache"))
+    code = run_command(main, ["--model.demo_base", "sam2", "--output_dir", str(tmp_path / "run")], prog="samtune train")
+    error = capsys.readouterr().err.strip()
+    assert code == 2 and error.count("\n") == 0
+    assert "sam2 demo base is not in this installation" in error and "samtune demo pretrain --base sam2" in error
+    assert not (tmp_path / "run").exists()

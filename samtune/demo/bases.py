@@ -24,7 +24,6 @@ from transformers import (
     Sam2VisionConfig,
 )
 
-from samtune.demo.assets import BASE_DIR, HERE
 from samtune.errors import UserError
 from samtune.models.architectures import demo_sam_config
 
@@ -75,8 +74,9 @@ class DemoBase:
     config: Callable[[], PreTrainedConfig]  # its architecture, random weights of which pretraining starts from
 
 
+HERE = Path(__file__).resolve().parent
 BASES = {
-    "sam": DemoBase("sam", BASE_DIR, demo_sam_config),
+    "sam": DemoBase("sam", HERE / "base", demo_sam_config),  # samtune.demo.assets.BASE_DIR
     "sam2": DemoBase("sam2", HERE / "base-sam2", demo_sam2_config),
 }
 DEFAULT_BASE = "sam"
@@ -87,3 +87,15 @@ def demo_base(name: str) -> DemoBase:
     if name not in BASES:
         raise UserError(f"unknown demo base {name!r}; choose from {', '.join(BASES)}")
     return BASES[name]
+
+
+def shipped_base(name: str) -> DemoBase:
+    """``demo_base(name)``, refused in one line when its weights are not in the package (not shipped yet, or
+    removed), with the command that makes them."""
+    base = demo_base(name)
+    if not (base.folder / "config.json").is_file():
+        raise UserError(
+            f"the {name} demo base is not in this installation ({base.folder}); make it with: "
+            f"samtune demo pretrain --base {name} --output runs/demo-pretrain-{name} --install"
+        )
+    return base
