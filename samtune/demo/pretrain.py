@@ -19,6 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from samtune.config import parse_args
 from samtune.demo import assets
 from samtune.demo.bases import BASES, DEFAULT_BASE, demo_base
@@ -37,7 +39,7 @@ def pretrain(
     """Pretrain a base on the source domain; score it on both domains; record the command and the scores."""
     output = Path(output)
     source = assets.prepare_source()
-    target = assets.prepare_demo(base=base)
+    target = assets.prepare_demo()  # the target splits, the same for every base (whose own may not exist yet)
     init = output / "init"
     if not init.exists():
         save_random_sam(demo_base(base).config(), init, seed=seed)
@@ -69,9 +71,11 @@ def pretrain(
         + (f" --steps {steps}" if steps else "")
         + "".join(f" {item}" for item in extra or []),
         "base": base,
-        "parameters": results["parameters"]["all"]["total"],
+        "parameters": json.loads((output / "run" / "parameters.json").read_text())["all"]["total"],
         "minutes": round(minutes, 1),
+        "threads": torch.get_num_threads(),
         "steps": config.train.max_steps,
+        "lr": config.train.lr,
         "best_step": results.get("best_step"),
         "seed": seed,
         **{k: round(v, 4) for k, v in scores.items()},
