@@ -71,9 +71,9 @@ def _splits(folder: Path, specs: dict[str, DomainSpec]) -> dict[str, tuple[Path,
 def prepare_demo(root: str | Path | None = None, base: str = "sam") -> DemoPaths:
     """A shipped base (``samtune.demo.bases``: sam, the default, or sam2) and the target-domain train / val / test
     splits (generated once, then cached; the same for every base)."""
-    from samtune.demo.bases import shipped_base  # here: it loads transformers
+    from samtune.demo.bases import demo_base  # here: it loads transformers
 
-    model = shipped_base(base).folder  # refused before minutes of data generation
+    model = demo_base(base).folder  # pretraining makes it: whether it is there is the caller's question
     splits = _splits(Path(root) if root else cache_root() / f"demo-v{DEMO_VERSION}" / "target", TARGET_SPLITS)
     return DemoPaths(model, *splits["train"], *splits["val"], *splits["test"])
 

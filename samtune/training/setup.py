@@ -15,6 +15,7 @@ from samtune.config import Config, ConfigError, is_demo
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, Split, make_loader
 from samtune.demo.assets import prepare_demo
+from samtune.demo.bases import shipped_base
 from samtune.embedding_cache import EmbeddingCache, estimate_bytes, why_not_cacheable
 from samtune.training.folder import choose_output_dir
 
@@ -51,6 +52,7 @@ def fill_demo_defaults(config: Config) -> None:
     (made on first use)."""
     if not is_demo(config):
         return
+    shipped_base(config.model.demo_base)  # refused in one line, before minutes of data generation, if absent
     demo, data = prepare_demo(base=config.model.demo_base), config.data
     config.model.name_or_path = str(demo.model)
     data.train_annotations, data.train_images = str(demo.train_annotations), str(demo.train_images)
