@@ -248,3 +248,19 @@ def test_a_demo_base_that_is_not_installed_is_one_clear_line(tmp_path, monkeypat
     assert code == 2 and error.count("\n") == 0
     assert "sam2 demo base is not in this installation" in error and "samtune demo pretrain --base sam2" in error
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("family", ("sam",) + FAMILIES)
+def test_a_prompt_is_encoded_where_the_image_encodes_its_pixel(family, folders, tiny_sam_dir):
+    """A point at the centre of a grid cell gets the image-wide positional encoding of that cell, as in every
+    released checkpoint; a random SAM 2 / 3 model from transformers draws the two apart, which leaves a model
+    pretrained from scratch unable to find its prompts."""
+    folder = tiny_sam_dir if family == "sam" else folders[family]
+    model = AutoModelForMaskGeneration.from_pretrained(folder)
+    grid = model.get_image_wide_positional_embeddings()[0]  # (C, side, side)
+    side, size = grid.shape[-1], model.prompt_encoder.input_image_size
+    stride = size / side
+    row, col = 2, side - 3
+    point = torch.tensor([[[[(col + 0.5) * stride - 0.5, (row + 0.5) * stride - 0.5]]]])  # pixel coords
+    encoded = model.prompt_encoder.shared_embedding(point + 0.5, (size, size))[0, 0, 0]
+    torch.testing.assert_close(encoded, grid[:, row, col], atol=1e-5, rtol=1e-5)

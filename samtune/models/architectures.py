@@ -337,12 +337,27 @@ def processor_for(config: PreTrainedConfig):
     return SamProcessor(image_processor=image_processor)
 
 
+def tie_prompt_position_encoding(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the prompt encoder the image's Fourier matrix, as every released checkpoint has it.
+
+    A prompt's position is read against the image-wide positional encoding, so both must come from one random
+    matrix. SAM shares the module; transformers' SAM 2 / SAM 3 tracker build two and draw each at random, so a
+    randomly initialised model cannot tell where its prompts are (both are buffers: training never aligns them).
+    """
+    image = getattr(model, "shared_image_embedding", None)
+    prompt = getattr(getattr(model, "prompt_encoder", None), "shared_embedding", None)
+    if image is not None and prompt is not None and prompt is not image:
+        with torch.no_grad():
+            prompt.positional_embedding.copy_(image.positional_embedding)
+    return model
+
+
 def save_random_sam(config: PreTrainedConfig, folder: str | Path, seed: int = 0) -> Path:
     """A model of ``config``'s family with random weights, and its processor, saved like a hub checkpoint."""
     folder = Path(folder)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = AutoModelForMaskGeneration.from_config(config)
+        model = tie_prompt_position_encoding(AutoModelForMaskGeneration.from_config(config))
     model.save_pretrained(folder)
     processor_for(config).save_pretrained(folder)
     return folder
