@@ -141,6 +141,17 @@ class TrainConfig:
     early_stopping: int = knob(0, "stop after this many validations without a better mIoU; 0: never")
     max_nonfinite: int = knob(10, "non-finite losses in a row (each skips its step) before the run stops")
     log_images: int = knob(4, "validation images with ground truth and prediction sent to TensorBoard per eval")
+    correction_clicks: int = knob(
+        0, "interactive training: rounds after the first prompt, each adding one click in the instance's error; 0: off"
+    )
+    mask_prompt_prob: float = knob(0.5, "chance that a correction round also gets the previous mask as mask prompt")
+    mask_only_round: bool = knob(False, "one more round at the end with no new click, the previous mask as prompt")
+    eval_clicks: int = knob(
+        0, "validation also follows the click protocol for this many correction clicks (the click curve); 0: off"
+    )
+    select_on: Literal["mIoU", "clicks"] = knob(
+        "mIoU", "best checkpoint by val mIoU, or by the mean of the click curve (needs train.eval_clicks)"
+    )
 
 
 @dataclass
@@ -330,6 +341,9 @@ _RANGES = [
     ("train.keep_checkpoints", lambda c: c.train.keep_checkpoints >= 0, "at least 0 (0: keep all)"),
     ("train.max_nonfinite", lambda c: c.train.max_nonfinite >= 1, "at least 1"),
     ("train.log_images", lambda c: c.train.log_images >= 0, "at least 0"),
+    ("train.correction_clicks", lambda c: c.train.correction_clicks >= 0, "at least 0 (0: off)"),
+    ("train.mask_prompt_prob", lambda c: 0 <= c.train.mask_prompt_prob <= 1, "in [0, 1]"),
+    ("train.eval_clicks", lambda c: c.train.eval_clicks >= 0, "at least 0 (0: off)"),
 ]
 
 
@@ -342,6 +356,8 @@ def validate(config: Config) -> None:
     _complete_setup(config)
     if config.train.early_stopping and config.data.train_annotations and not config.data.val_annotations:
         raise ConfigError("train.early_stopping needs a validation split (data.val_annotations)")
+    if config.train.select_on == "clicks" and not config.train.eval_clicks:
+        raise ConfigError("train.select_on clicks needs train.eval_clicks (the number of clicks of the curve)")
 
 
 def to_dict(config: Config) -> dict:

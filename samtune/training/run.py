@@ -32,6 +32,7 @@ from samtune.data.batch import SamBatch
 from samtune.data.dataset import Split
 from samtune.data.prompts import keep_prompt_kind
 from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_loader
+from samtune.interactive import Rounds, training_rounds
 from samtune.losses import InstanceLoss, batch_loss
 from samtune.models.family import family_of, image_features
 from samtune.models.loading import build_model, load_saved_weights, save_trained
@@ -133,6 +134,7 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         accelerator.init_trackers("tensorboard", config=flat_values(config))
         self.tracker = accelerator.get_tracker("tensorboard") if accelerator.is_main_process else None
+        self.rounds = Rounds(train.correction_clicks, train.mask_prompt_prob, train.mask_only_round)
         self.loss_fn = InstanceLoss(train.dice_weight, train.focal_weight, train.iou_weight, train.object_score_weight)
         self.state = TrainerState()
         self.window = LossWindow(accelerator.device)
@@ -200,19 +202,43 @@ class TrainingRun:
 
     def forward(self, batch: SamBatch, split: Split):
         """The model on a batch; with the cache, the image encoder only runs for images it has not seen."""
-        if split is Split.TRAIN and self.config.data.prompt == "mixed":  # this step's kind, reproducible on resume
-            draw = np.random.default_rng([self.config.train.seed, self.state.epoch, self.state.batches_in_epoch])
-            batch = keep_prompt_kind(batch, MIXED_KINDS[draw.integers(len(MIXED_KINDS))])
         hq_token_only = self.config.model.hq_token_only
         if self.cache is None:
             return sam_forward(self.model, batch, hq_token_only=hq_token_only)
+        return sam_forward(self.model, batch, features=self.features(batch, split), hq_token_only=hq_token_only)
+
+    def features(self, batch: SamBatch, split: Split) -> dict[str, torch.Tensor]:
+        """The image encoder's features of a batch: from the cache when there is one, else computed (with
+        gradients where the encoder trains)."""
         encoder = self.accelerator.unwrap_model(self.model)
         with self.accelerator.autocast():
-            features = self.cache.embeddings(
+            if self.cache is None:
+                return image_features(encoder, batch["pixel_values"])
+            return self.cache.embeddings(
                 split, batch["image_id"], batch["pixel_values"],
                 partial(image_features, encoder, project=self.cache.project),
-            )
-        return sam_forward(self.model, batch, features=features, hq_token_only=hq_token_only)
+            )  # fmt: skip
+
+    def step_draws(self) -> list[int]:
+        """The seed of this step's random choices (prompt kind, clicks): the same after a resume."""
+        state = self.state
+        return [self.config.train.seed, state.epoch, state.batches_in_epoch, self.accelerator.process_index]
+
+    def train_loss(self, batch: SamBatch) -> torch.Tensor:
+        """The step's loss: of the one forward, or the mean over the interactive rounds (so the step size does not
+        grow with their number; each round's mask is scored against the same targets)."""
+        if self.config.data.prompt == "mixed":  # this step's kind, reproducible on resume
+            draw = np.random.default_rng(self.step_draws()[:3])
+            batch = keep_prompt_kind(batch, MIXED_KINDS[draw.integers(len(MIXED_KINDS))])
+        rounds = self.rounds
+        if not (rounds.clicks or rounds.mask_only_round):
+            return batch_loss(self.forward(batch, Split.TRAIN), batch, self.loss_fn)["loss"]
+        generator = torch.Generator(device=self.accelerator.device)
+        generator.manual_seed(int(np.random.SeedSequence(self.step_draws()).generate_state(1)[0]))
+        history = training_rounds(
+            self.model, batch, self.features(batch, Split.TRAIN), rounds, generator, self.config.model.hq_token_only
+        )
+        return torch.stack([batch_loss(outputs, batch, self.loss_fn)["loss"] for outputs in history]).mean()
 
     def train_step(self, batch: SamBatch) -> bool:
         """Forward, loss and backward of one micro-batch; True when it completed an optimizer step.
@@ -221,7 +247,7 @@ class TrainingRun:
         process drop the whole optimizer step's gradients, decided by one gather per optimizer step, not per batch.
         """
         with self.accelerator.accumulate(self.model):
-            loss = batch_loss(self.forward(batch, Split.TRAIN), batch, self.loss_fn)["loss"]
+            loss = self.train_loss(batch)
             finite = torch.isfinite(loss.detach())
             self.step_nonfinite |= ~finite
             self.window.add(loss.detach(), finite, batch["pixel_values"].shape[0])
