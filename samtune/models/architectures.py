@@ -109,8 +109,10 @@ def tiny_sam_config(image_size: int = 128, patch_size: int = 16, hidden_size: in
         num_pos_feats=hidden_size // 2,
         initializer_range=0.05,  # the default 1e-10 makes the encoder output ~0, so adapters get zero gradients
     )
+    # mask_input_channels 8: with 4, the mask path's first LayerNorm is one channel wide and outputs zeros,
+    # so the model would ignore every mask prompt (SAM's own is 16)
     prompt = SamPromptEncoderConfig(
-        hidden_size=hidden_size, image_size=image_size, patch_size=patch_size, mask_input_channels=4
+        hidden_size=hidden_size, image_size=image_size, patch_size=patch_size, mask_input_channels=8
     )
     decoder = SamMaskDecoderConfig(
         hidden_size=hidden_size,
@@ -266,7 +268,7 @@ def tiny_sam2_config(image_size: int = 128, hidden_size: int = 32) -> Sam2Config
     return Sam2Config(
         vision_config=vision,
         prompt_encoder_config=Sam2PromptEncoderConfig(
-            hidden_size=hidden_size, image_size=image_size, patch_size=16, mask_input_channels=4
+            hidden_size=hidden_size, image_size=image_size, patch_size=16, mask_input_channels=8
         ),
         mask_decoder_config=Sam2MaskDecoderConfig(
             hidden_size=hidden_size, mlp_dim=2 * hidden_size, num_attention_heads=2, iou_head_hidden_dim=hidden_size
@@ -299,7 +301,7 @@ def tiny_sam3_tracker_config(image_size: int = 112, hidden_size: int = 32) -> Sa
     return Sam3TrackerConfig(
         vision_config=vision,
         prompt_encoder_config=Sam3TrackerPromptEncoderConfig(
-            hidden_size=hidden_size, image_size=image_size, patch_size=14, mask_input_channels=4
+            hidden_size=hidden_size, image_size=image_size, patch_size=14, mask_input_channels=8
         ),
         mask_decoder_config=Sam3TrackerMaskDecoderConfig(
             hidden_size=hidden_size, mlp_dim=2 * hidden_size, num_attention_heads=2, iou_head_hidden_dim=hidden_size
