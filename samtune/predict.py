@@ -1,41 +1,99 @@
 """Masks for new images, as a COCO results file (RLE at the original image size, predicted IoU as score).
 
     python -m samtune.predict --model facebook/sam-vit-base [--adapter runs/x/best] --images photos/ \
-        [--prompts prompts.json | --coco detections.json] [--output masks.json] [--overlays overlays/] \
-        [--precision fp32|bf16|fp16] [--no-fast-encoder]
+        [--prompts prompts.json | --coco detections.json] [--previous last.json] [--save-logits] \
+        [--output masks.json] [--overlays overlays/] [--precision fp32|bf16|fp16] [--no-fast-encoder]
 
 Prompts, per image file name (relative to --images, or the file's name when --images is one file):
 
     {"a.jpg": [[x0, y0, x1, y1], ...]}                                  boxes only
     {"a.jpg": {"boxes": [[x0, y0, x1, y1]], "points": [[x, y], ...]}}   boxes and / or single points
+    {"a.jpg": {"instances": [{"id": "cat", "box": [x0, y0, x1, y1],     instances: a box and / or clicks each
+                              "points": [[x, y], ...], "labels": [1, 0, ...]}, ...]}}
 
-Each box and each point is one prompt (a point alone yields SAM's best of three masks). With --coco the
-boxes are the annotations' bbox fields (a detector's output in COCO format, say). Without prompts, masks are
-generated automatically from a grid of points (--points-per-side), kept by predicted IoU and stability,
-and de-duplicated by mask overlap.
+Each box, each point and each instance is one prompt, one mask. An instance's clicks are positive (label 1)
+or negative (0), one label per point; its "id" (a number or a string; default: its position) comes back as
+the result's "instance_id" (boxes and points: their position, boxes first; --coco: the annotation id). A
+single click alone yields SAM's best of three masks; anything more, one mask. With --coco the boxes are the
+annotations' bbox fields (a detector's output in COCO format, say). Without prompts, masks are generated
+automatically from a grid of points (--points-per-side), kept by predicted IoU and stability, and
+de-duplicated by mask overlap.
+
+Correction rounds: --previous names predict's output of the last round; an instance of this round whose
+(file_name, instance id) is there gets its last mask as the mask prompt, with its box and clicks so far plus
+the new ones (new ids are new objects). Every instance --previous holds for an image of this round must be
+among that image's prompts; its images not in this round are left alone. --save-logits also writes each
+mask's low-resolution logits to OUTPUT.logits.safetensors; a next round that names OUTPUT as --previous
+takes those (the model's own mask prompt), and the binary mask where there are none or the mask was edited.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from pycocotools import mask as mask_utils
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from samtune import inference
-from samtune.data.images import read_rgb
+from samtune.data.images import ImageReadError, displayed_size, probe, read_rgb
 from samtune.errors import UserError, run_command
 from samtune.evaluation import encode_rle
-from samtune.models.family import decoder_inputs, forward_options, image_features, post_process_masks
+from samtune.interactive import instance_forward
+from samtune.models.family import (
+    base_of,
+    decoder_inputs,
+    family_of,
+    forward_options,
+    image_features,
+    post_process_masks,
+)
 from samtune.models.loading import load_trained
 from samtune.visualize import paint
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+INSTANCE_KEYS = ("id", "box", "points", "labels")
+# A binary mask as a mask prompt: +/-20 logits (a confident model's range; SAM 2's tools turn masks into
+# +/-10), bilinear at the edge. Saved logits are better: they carry the model's own uncertainty.
+MASK_LOGIT = 20.0
+DECODER_ROWS = 64  # instances per decoder call: bounds memory (each row holds its own copy of the embedding)
+LOGITS_FORMAT = "samtune.predict logits 1"
+
+InstanceId = int | str
+Key = tuple[str, InstanceId]  # (file_name, instance id)
+
+
+@dataclass
+class Instance:
+    """One object of an image: its prompts, and its last mask when this is a correction round."""
+
+    id: InstanceId
+    box: list[float] | None = None  # [x0, y0, x1, y1], inclusive, original pixels
+    points: list[list[float]] = field(default_factory=list)  # [[x, y], ...], original pixels
+    labels: list[int] = field(default_factory=list)  # 1 positive, 0 negative, one per point
+    previous: torch.Tensor | np.ndarray | None = None  # (h, w) logits in the model's mask frame, or (H, W) bool
+
+    @property
+    def multimask(self) -> bool:
+        """A single click alone is ambiguous (whole, part, sub-part): SAM's best of three, as in its tools."""
+        return self.box is None and len(self.points) == 1 and self.previous is None
+
+
+class Found(NamedTuple):
+    mask: torch.Tensor  # (H, W) bool at the original size
+    score: float  # predicted IoU
+    logits: torch.Tensor  # (h, w) float: the low-resolution logits the mask came from
 
 
 def list_images(path: Path) -> list[tuple[str, Path]]:
@@ -53,84 +111,328 @@ def _read_json(path: Path) -> object:
         raise UserError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}: {error.msg}") from error
 
 
-def read_prompts(path: Path) -> dict[str, dict]:
-    """{file_name: {"boxes": [...], "points": [...]}} from the small prompt JSON."""
+def _numbers(value: object, count: int) -> bool:
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+    )
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _check_box(box: object, where: str) -> list[float]:
+    if not _numbers(box, 4) or box[2] < box[0] or box[3] < box[1]:  # type: ignore[index]
+        raise UserError(f"{where}: box {box} is not [x0, y0, x1, y1] with x0 <= x1, y0 <= y1")
+    return [float(v) for v in box]  # type: ignore[union-attr]
+
+
+def _check_point(point: object, where: str) -> list[float]:
+    if not _numbers(point, 2):
+        raise UserError(f"{where}: point {point} is not [x, y]")
+    return [float(v) for v in point]  # type: ignore[union-attr]
+
+
+def _instance(value: object, position: int, where: str) -> Instance:
+    """One entry of an image's "instances", checked."""
+    if not isinstance(value, dict) or not set(value) <= set(INSTANCE_KEYS):
+        raise UserError(f"{where}: instance {position} must be an object with keys among {', '.join(INSTANCE_KEYS)}")
+    instance_id = value.get("id", position)
+    if not _is_id(instance_id):
+        raise UserError(f"{where}: instance {position}: id {instance_id!r} is not a number or a string")
+    where = f"{where}: instance {instance_id!r}"
+    box = _check_box(value["box"], where) if value.get("box") is not None else None
+    points = value.get("points", [])
+    if not isinstance(points, list):
+        raise UserError(f'{where}: "points" must be a list of [x, y]')
+    points = [_check_point(point, where) for point in points]
+    if points and "labels" not in value:
+        raise UserError(f'{where}: "points" without "labels" (1 positive, 0 negative, one per point)')
+    labels = value.get("labels", [])
+    if not isinstance(labels, list) or len(labels) != len(points):
+        raise UserError(f'{where}: "labels" must be a list with one label per point ({len(points)}), got {labels!r}')
+    for label in labels:
+        if isinstance(label, bool) or label not in (0, 1):
+            raise UserError(f"{where}: label {label!r} is not 1 (positive) or 0 (negative)")
+    if box is None and not points:
+        raise UserError(f'{where}: needs a "box" or "points"')
+    return Instance(instance_id, box, points, [int(label) for label in labels])
+
+
+def read_prompts(path: Path) -> dict[str, list[Instance]]:
+    """{file_name: [Instance, ...]} from the small prompt JSON (the three forms in the module's docstring)."""
     data = _read_json(path)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected an object mapping file names to prompts")
     out = {}
     for name, value in data.items():
+        where = f"{path}: {name!r}"
         value = {"boxes": value} if isinstance(value, list) else value
-        if not isinstance(value, dict) or not set(value) <= {"boxes", "points"}:
-            raise UserError(f"{path}: prompts of {name!r} must be a list of boxes or {{'boxes', 'points'}}")
-        for box in value.get("boxes", []):
-            if len(box) != 4 or box[2] < box[0] or box[3] < box[1]:
-                raise UserError(f"{path}: {name!r}: box {box} is not [x0, y0, x1, y1] with x0 <= x1, y0 <= y1")
-        for point in value.get("points", []):
-            if len(point) != 2:
-                raise UserError(f"{path}: {name!r}: point {point} is not [x, y]")
-        out[name] = value
+        if isinstance(value, dict) and set(value) == {"instances"} and isinstance(value["instances"], list):
+            instances = [_instance(item, n, where) for n, item in enumerate(value["instances"])]
+            seen: set = set()
+            for instance in instances:
+                if instance.id in seen:
+                    raise UserError(f"{where}: instance id {instance.id!r} is given twice")
+                seen.add(instance.id)
+        elif isinstance(value, dict) and set(value) <= {"boxes", "points"}:
+            boxes = [_check_box(box, where) for box in value.get("boxes", [])]
+            points = [_check_point(point, where) for point in value.get("points", [])]
+            instances = [Instance(n, box=box) for n, box in enumerate(boxes)]
+            instances += [Instance(len(boxes) + n, points=[point], labels=[1]) for n, point in enumerate(points)]
+        else:
+            raise UserError(
+                f"{where}: prompts must be a list of boxes, {{'boxes', 'points'}} or {{'instances': [...]}}"
+            )
+        out[name] = instances
     return out
 
 
-def prompts_from_coco(path: Path) -> tuple[dict[str, dict], dict[str, int], dict[str, list[int]]]:
-    """Boxes from a COCO file's bbox fields, with image ids and category ids to carry into the results."""
+def prompts_from_coco(path: Path) -> tuple[dict[str, list[Instance]], dict[str, int], dict[str, list[int]]]:
+    """Boxes from a COCO file's bbox fields (instance id: the annotation id), with image ids and category ids to
+    carry into the results."""
     data = _read_json(path)
     try:
         names = {image["id"]: image["file_name"] for image in data["images"]}
     except (KeyError, TypeError) as error:
         raise UserError(f"{path}: every entry of 'images' needs 'id' and 'file_name' ({error!r})") from error
-    prompts: dict[str, dict] = {name: {"boxes": []} for name in names.values()}
+    prompts: dict[str, list[Instance]] = {name: [] for name in names.values()}
     categories: dict[str, list[int]] = {name: [] for name in names.values()}
-    for ann in data.get("annotations", []):
+    for position, ann in enumerate(data.get("annotations", [])):
         if "bbox" not in ann or ann.get("image_id") not in names:
             raise UserError(f"{path}: annotation {ann.get('id')} needs a 'bbox' and the id of an image in the file")
         x, y, w, h = ann["bbox"]
         name = names[ann["image_id"]]
-        prompts[name]["boxes"].append([x, y, x + max(w - 1, 0), y + max(h - 1, 0)])  # inclusive corners
+        box = [x, y, x + max(w - 1, 0), y + max(h - 1, 0)]  # inclusive corners
+        prompts[name].append(Instance(ann.get("id", position), box=box))
         categories[name].append(ann.get("category_id", 1))
     return prompts, {name: image_id for image_id, name in names.items()}, categories
 
 
+def logits_file(results: Path) -> Path:
+    """Where --save-logits puts the logits of a results file: masks.json -> masks.logits.safetensors."""
+    stem = results.stem if results.suffix == ".json" else results.name
+    return results.with_name(f"{stem}.logits.safetensors")
+
+
+def _logits_key(key: Key) -> str:
+    return json.dumps(list(key))
+
+
+def _mask_hash(segmentation: dict) -> str:
+    """Which mask a saved logit map belongs to: an edited mask no longer matches, and is used itself."""
+    return hashlib.sha1(json.dumps(segmentation, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _decode(segmentation: dict) -> np.ndarray:
+    height, width = segmentation["size"]
+    rle = segmentation
+    if isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    return mask_utils.decode(rle).astype(bool)
+
+
+def mask_frame(model: torch.nn.Module) -> tuple[str, tuple[int, int]]:
+    """("padded" | "square", (h, w)): how the model's mask prompts lie over the image, and their size (4x the
+    embedding grid)."""
+    base = base_of(model)
+    encoder = base.prompt_encoder
+    size = getattr(encoder, "mask_input_size", None) or tuple(4 * side for side in encoder.image_embedding_size)
+    return ("square" if family_of(base).square_input else "padded"), (int(size[0]), int(size[1]))
+
+
+def mask_to_logits(
+    mask: np.ndarray, reshaped: tuple[int, int], input_size: tuple[int, int], side: tuple[int, int]
+) -> torch.Tensor:
+    """A binary (H, W) mask as (h, w) mask-prompt logits, placed as the processor places the image: resized to
+    ``reshaped`` inside the ``input_size`` frame (SAM: longest side, then padding right / bottom; SAM 2 / 3: the
+    whole square), then down to the mask grid."""
+    values = torch.from_numpy(np.ascontiguousarray(mask)).float()[None, None]
+    values = F.interpolate(values, size=reshaped, mode="bilinear", align_corners=False, antialias=True)
+    frame = values.new_zeros(1, 1, *input_size)
+    frame[..., : reshaped[0], : reshaped[1]] = values
+    values = F.interpolate(frame, size=side, mode="area")
+    return ((2 * values - 1) * MASK_LOGIT)[0, 0]
+
+
+@dataclass
+class Previous:
+    """The last round, from predict's own output (--previous) and, beside it, its saved logits."""
+
+    path: Path
+    masks: dict[Key, dict]  # RLE per (file_name, instance id)
+    logits: dict[Key, torch.Tensor] = field(default_factory=dict)  # those whose mask is unedited
+    logits_path: Path | None = None
+    logits_frame: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> Previous:
+        data = _read_json(path)
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected the list of results samtune predict writes")
+        masks: dict[Key, dict] = {}
+        for number, result in enumerate(data):
+            if not isinstance(result, dict) or not {"file_name", "segmentation"} <= set(result):
+                raise UserError(f"{path}: result {number} needs 'file_name', 'instance_id' and 'segmentation'")
+            if not _is_id(result.get("instance_id")):
+                raise UserError(
+                    f"{path}: result {number} has no 'instance_id' (a number or a string) as samtune predict writes"
+                )
+            key = (result["file_name"], result["instance_id"])
+            segmentation = result["segmentation"]
+            if not isinstance(segmentation, dict) or not _numbers(segmentation.get("size"), 2):
+                raise UserError(f"{path}: {key[0]!r} instance {key[1]!r}: 'segmentation' is not a COCO RLE")
+            if key in masks:
+                raise UserError(f"{path}: {key[0]!r} instance {key[1]!r} is there twice")
+            masks[key] = segmentation
+        previous = cls(path, masks)
+        if logits_file(path).is_file():
+            previous._read_logits(logits_file(path))
+        return previous
+
+    def _read_logits(self, path: Path) -> None:
+        wanted = {_logits_key(key): key for key in self.masks}
+        try:
+            with safe_open(str(path), framework="pt") as opened:
+                metadata = opened.metadata() or {}
+                stored = {name: opened.get_tensor(name).clone() for name in opened.keys() if name in wanted}  # noqa: SIM118
+            hashes = json.loads(metadata.get("masks", "{}"))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise UserError(f"{path}: cannot read it as the logits predict saves: {error}") from error
+        if metadata.get("format") != LOGITS_FORMAT or not isinstance(hashes, dict):
+            raise UserError(f"{path}: not a logits file samtune predict --save-logits wrote")
+        for name, logits in stored.items():
+            key = wanted[name]
+            if hashes.get(name) == _mask_hash(self.masks[key]):  # else the mask was edited: the mask counts
+                self.logits[key] = logits
+        self.logits_path, self.logits_frame = path, metadata.get("frame")
+
+    def check(self, prompts: dict[str, list[Instance]], files: dict[str, Path], source: str) -> None:
+        """Before the model loads: every instance of an image of this round is among its prompts, and every mask
+        has its image's size."""
+        names = {name for name, _ in self.masks}
+        if not names & set(files):
+            raise UserError(f"--previous {self.path}: none of its images is among this round's")
+        ids = {name: {instance.id for instance in prompts[name]} for name in files}
+        for (name, instance_id), segmentation in self.masks.items():
+            if name not in files:
+                continue
+            if instance_id not in ids[name]:
+                raise UserError(
+                    f"--previous {self.path}: {name!r} instance {instance_id!r} is not among the image's prompts in "
+                    f"{source} (restate it, or leave it out of {self.path.name})"
+                )
+            if (name, instance_id) in self.logits:
+                continue
+            try:
+                width, height = displayed_size(*probe(files[name]))
+            except ImageReadError as error:
+                raise UserError(f"{files[name]}: {error}") from error
+            if list(segmentation["size"]) != [height, width]:
+                raise UserError(
+                    f"--previous {self.path}: {name!r} instance {instance_id!r}: the mask is "
+                    f"{segmentation['size'][0]}x{segmentation['size'][1]}, the image {height}x{width}"
+                )
+            try:
+                _decode(segmentation)
+            except (ValueError, TypeError, KeyError) as error:
+                raise UserError(
+                    f"--previous {self.path}: {name!r} instance {instance_id!r}: unreadable RLE ({error})"
+                ) from error
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Saved logits fit this model's mask prompts: the same frame and size."""
+        frame, side = mask_frame(model)
+        if self.logits and self.logits_frame != frame:
+            raise UserError(
+                f"{self.logits_path}: logits in the {self.logits_frame} frame, this model ({family_of(model).label}) "
+                f"takes {frame} ones: predict round 1 with this model (or delete the file to use the masks)"
+            )
+        for (name, instance_id), logits in self.logits.items():
+            if tuple(logits.shape) != side:
+                raise UserError(
+                    f"{self.logits_path}: {name!r} instance {instance_id!r}: logits are "
+                    f"{'x'.join(map(str, logits.shape))}, this model's mask prompts are {side[0]}x{side[1]} "
+                    "(saved by another model?)"
+                )
+
+    def attach(self, name: str, instances: list[Instance]) -> list[Instance]:
+        """The instances with their last mask (saved logits where there are, else the binary mask)."""
+        out = []
+        for instance in instances:
+            key = (name, instance.id)
+            if key in self.logits:
+                instance = replace(instance, previous=self.logits[key].float())
+            elif key in self.masks:
+                instance = replace(instance, previous=_decode(self.masks[key]))
+            out.append(instance)
+        return out
+
+
+def _scale(coords: list, scale: torch.Tensor) -> torch.Tensor:
+    """Original pixels to the model's input frame, as the processors do: x * w' / W, y * h' / H."""
+    values = torch.tensor(coords, dtype=torch.float32)
+    return (values.reshape(-1, 2) * scale).reshape(values.shape)
+
+
 @torch.no_grad()
 def prompted_masks(
-    model, processor, image: np.ndarray, boxes: list, points: list, device, hq_token_only: bool = False
-) -> list[tuple]:
-    """(mask at original size, score) per prompt: boxes first, then points."""
-    out = []
-    features = None  # the image encoder runs once per image, for boxes and points alike
-    for kind, prompts in (("boxes", boxes), ("points", points)):
-        if not prompts:
-            continue
-        if kind == "boxes":
-            inputs = processor(images=image, input_boxes=[prompts], return_tensors="pt")
-            args = {"input_boxes": inputs["input_boxes"].float().to(device)}
-        else:
-            inputs = processor(
-                images=image,
-                input_points=[[[p] for p in prompts]],
-                input_labels=[[[1] for _ in prompts]],
-                return_tensors="pt",
-            )
-            args = {
-                "input_points": inputs["input_points"].float().to(device),
-                "input_labels": inputs["input_labels"].to(device),
-            }
-        if features is None:
-            features = image_features(model, inputs["pixel_values"].to(device))
-        result = model(
-            **decoder_inputs(model, features),
-            multimask_output=kind == "points",
-            **forward_options(model, hq_token_only),
-            **args,
-        )
-        scores, best = result.iou_scores[0].float().max(dim=-1)
-        logits = result.pred_masks[0][torch.arange(len(prompts)), best][None, :, None].float()
-        masks = post_process_masks(
-            processor, logits.cpu(), inputs["original_sizes"], inputs.get("reshaped_input_sizes")
-        )
-        out += [(masks[0][k, 0], float(scores[k])) for k in range(len(prompts))]
-    return out
+    model, processor, image: np.ndarray, instances: list[Instance], device, hq_token_only: bool = False
+) -> list[Found]:
+    """(mask at original size, score, low-res logits) per instance, in order.
+
+    The image encoder runs once; the decoder once per group of instances with the same kind of prompt (box or
+    not, click count, mask prompt or not): one decoder row per instance, as a mask prompt per instance needs
+    (``samtune.interactive``), and no padding, so an instance's mask does not depend on the others'.
+    """
+    if not instances:
+        return []
+    inputs = processor(images=image, return_tensors="pt")
+    pixel_values = inputs["pixel_values"]
+    if "reshaped_input_sizes" in inputs:
+        reshaped = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
+    else:  # SAM 2 / 3: the image fills the square
+        reshaped = tuple(pixel_values.shape[-2:])
+    original = tuple(int(v) for v in inputs["original_sizes"][0])
+    scale = torch.tensor([reshaped[1] / original[1], reshaped[0] / original[0]])
+    _, side = mask_frame(model)
+    features = decoder_inputs(model, image_features(model, pixel_values.to(device)))
+    groups: dict[tuple, list[int]] = {}
+    for index, instance in enumerate(instances):
+        kind = (instance.box is not None, len(instance.points), instance.previous is not None)
+        groups.setdefault(kind, []).append(index)
+    found: dict[int, Found] = {}
+    for (has_box, clicks, has_mask), members in groups.items():
+        for start in range(0, len(members), DECODER_ROWS):
+            chunk = [instances[index] for index in members[start : start + DECODER_ROWS]]
+            prompts = {}
+            if has_box:
+                prompts["input_boxes"] = _scale([[item.box] for item in chunk], scale)
+            if clicks:
+                prompts["input_points"] = _scale([[item.points] for item in chunk], scale)
+                prompts["input_labels"] = torch.tensor([[item.labels] for item in chunk], dtype=torch.long)
+            if has_mask:
+                frame = (reshaped, tuple(pixel_values.shape[-2:]), side)
+                prompts["input_masks"] = torch.stack([_mask_prompt(item.previous, *frame) for item in chunk])[:, None]
+            prompts = {key: value.to(device) for key, value in prompts.items()}
+            rows = torch.zeros(len(chunk), dtype=torch.long, device=device)
+            result = instance_forward(model, features, rows, prompts, chunk[0].multimask, hq_token_only)
+            scores, best = result.iou_scores[:, 0].float().max(dim=-1)
+            logits = result.pred_masks[:, 0][torch.arange(len(chunk)), best].float().cpu()  # (n, h, w)
+            masks = post_process_masks(
+                processor, logits[None, :, None], inputs["original_sizes"], inputs.get("reshaped_input_sizes")
+            )[0]
+            for k, index in enumerate(members[start : start + DECODER_ROWS]):
+                found[index] = Found(masks[k, 0], float(scores[k]), logits[k])
+    return [found[index] for index in range(len(instances))]
+
+
+def _mask_prompt(previous, reshaped: tuple[int, int], input_size: tuple[int, int], side: tuple[int, int]):
+    if isinstance(previous, torch.Tensor):
+        return previous.float()
+    return mask_to_logits(previous, reshaped, input_size, side)
 
 
 @torch.no_grad()
@@ -145,7 +447,7 @@ def automatic_masks(
     overlap: float = 0.7,
     batch: int = 64,
     hq_token_only: bool = False,
-) -> list[tuple]:
+) -> list[Found]:
     """SAM's automatic mask generation, in its simplest form: a point grid, filters, greedy mask NMS."""
     height, width = image.shape[:2]
     steps = (np.arange(points_per_side) + 0.5) / points_per_side
@@ -172,16 +474,30 @@ def automatic_masks(
         for n, m in torch.nonzero(keep).tolist():
             candidates.append((float(scores[n, m]), logits[n, m]))
     candidates.sort(key=lambda c: -c[0])
-    kept: list[tuple] = []
+    kept: list[Found] = []
     for score, logits in candidates:
         mask = post_process_masks(
             processor, logits[None, None, None].cpu(), inputs["original_sizes"], inputs.get("reshaped_input_sizes")
         )[0][0, 0]
         if not mask.any():
             continue
-        if all((mask & other).sum() / (mask | other).sum() <= overlap for other, _ in kept):
-            kept.append((mask, score))
+        if all((mask & other.mask).sum() / (mask | other.mask).sum() <= overlap for other in kept):
+            kept.append(Found(mask, score, logits.cpu()))
     return kept
+
+
+def save_logits(path: Path, results: list[dict], logits: list[torch.Tensor], model: torch.nn.Module) -> None:
+    """Each result's low-resolution logits (fp16: ample for logits), keyed by JSON [file_name, instance_id]."""
+    frame, side = mask_frame(model)
+    keys = [_logits_key((r["file_name"], r["instance_id"])) for r in results]
+    metadata = {
+        "format": LOGITS_FORMAT,
+        "frame": frame,
+        "side": f"{side[0]}x{side[1]}",
+        "model_type": base_of(model).config.model_type,
+        "masks": json.dumps({key: _mask_hash(r["segmentation"]) for key, r in zip(keys, results)}),
+    }
+    save_file({key: value.half().contiguous() for key, value in zip(keys, logits)}, str(path), metadata)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -192,6 +508,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompts", type=Path, help="prompt JSON (see above)")
     source.add_argument("--coco", type=Path, help="COCO file whose annotation boxes are the prompts")
+    parser.add_argument(
+        "--previous", type=Path, help="predict's output of the last round: its masks become the mask prompts"
+    )
+    parser.add_argument(
+        "--save-logits", action="store_true", help="also write the masks' low-res logits to OUTPUT.logits.safetensors"
+    )
     parser.add_argument("--points-per-side", type=int, default=16, help="grid for automatic masks")
     parser.add_argument("--min-score", type=float, default=0.8, help="automatic masks: least predicted IoU")
     parser.add_argument("--min-stability", type=float, default=0.9, help="automatic masks: least stability")
@@ -210,6 +532,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         prompts = read_prompts(args.prompts)
     elif args.coco:
         prompts, image_ids, categories = prompts_from_coco(args.coco)
+    if args.previous and prompts is None:
+        raise UserError("--previous needs --prompts or --coco: the instances of this round, with their new clicks")
+    previous = Previous.read(args.previous) if args.previous else None
     files = list_images(args.images)
     if not files:
         raise UserError(f"--images {args.images}: no image files there ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -218,10 +543,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if missing:
             raise UserError(f"prompts name images not under {args.images}: {', '.join(missing[:5])}")
         files = [(name, path) for name, path in files if name in prompts]
+    if previous is not None:
+        previous.check(prompts, dict(files), str(args.prompts or args.coco))
     # the inputs are checked: now the model (slow for large ones)
     model, processor = load_trained(args.model, args.adapter, fast_encoder=args.fast_encoder, compile=args.compile)
+    if previous is not None:
+        previous.check_model(model)
     model.to(args.device)
-    results = []
+    results, logits = [], []
     for number, (name, path) in enumerate(tqdm(files, desc="predict", unit="image"), start=1):
         image = read_rgb(path)
         if prompts is None:
@@ -236,22 +565,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     args.min_stability,
                     hq_token_only=args.hq_token_only,
                 )
+            ids: list[InstanceId] = list(range(len(found)))
             labels = [1] * len(found)
         else:
-            entry = prompts[name]
+            instances = previous.attach(name, prompts[name]) if previous is not None else prompts[name]
             with autocast:
-                found = prompted_masks(
-                    model,
-                    processor,
-                    image,
-                    entry.get("boxes", []),
-                    entry.get("points", []),
-                    args.device,
-                    args.hq_token_only,
-                )
+                found = prompted_masks(model, processor, image, instances, args.device, args.hq_token_only)
+            ids = [instance.id for instance in instances]
             labels = categories.get(name) or [1] * len(found)
-        for (mask, score), category in zip(found, labels):
-            ys, xs = np.nonzero(mask.numpy())
+        for item, instance_id, category in zip(found, ids, labels):
+            ys, xs = np.nonzero(item.mask.numpy())
             box = (
                 [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
                 if len(xs)
@@ -261,19 +584,24 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 {
                     "image_id": image_ids.get(name, number),
                     "file_name": name,
+                    "instance_id": instance_id,
                     "category_id": category,
-                    "segmentation": encode_rle(mask),
+                    "segmentation": encode_rle(item.mask),
                     "bbox": box,
-                    "score": score,
+                    "score": item.score,
                 }
             )
+            logits.append(item.logits)
         if args.overlays:
             target = args.overlays / f"{Path(name).with_suffix('')}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            masks = np.stack([m.numpy() for m, _ in found]) if found else np.zeros((0, *image.shape[:2]), bool)
+            masks = np.stack([m.mask.numpy() for m in found]) if found else np.zeros((0, *image.shape[:2]), bool)
             Image.fromarray(paint(image, masks)).save(target)
     args.output.write_text(json.dumps(results))
-    print(f"{len(results)} masks for {len(files)} images -> {args.output}")
+    if args.save_logits:
+        save_logits(logits_file(args.output), results, logits, model)
+    saved = f" (logits: {logits_file(args.output)})" if args.save_logits else ""
+    print(f"{len(results)} masks for {len(files)} images -> {args.output}{saved}")
     return results
 
 
