@@ -2,13 +2,14 @@
 
     python -m samtune.evaluate --model facebook/sam-vit-base [--adapter runs/x/best] \
         --annotations val.json --images images/ [--prompt box] [--coco] [--output results.json] \
-        [--precision fp32|bf16|fp16] [--no-fast-encoder]
+        [--precision fp32|bf16|fp16] [--no-fast-encoder] [--clicks K]
 
 Zero-shot is the same command without --adapter; --compare-base also scores the base alone and prints both.
 The metrics are the training loop's own (samtune.evaluation): mIoU / mF1 are means over instances,
 mIoU_image / mF1_image means over images of their per-image means. JSON holds fractions; the printed table
 percentages. Latency is per image, image encoder and decoder timed apart (CUDA events on a GPU, a monotonic
-clock on a CPU), the first batch excluded as warm-up.
+clock on a CPU), the first batch excluded as warm-up. ``--clicks K`` also follows the click protocol
+(samtune.click_protocol): K correction clicks after the first prompt, the mIoU after each, NoC85 / NoC90.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from samtune import inference
+from samtune.click_protocol import follow_clicks, summarize
 from samtune.config import DataConfig, PromptMode
 from samtune.data.batch import to_device
 from samtune.data.coco import SKIP_REASONS, CocoInstanceDataset
@@ -65,6 +67,7 @@ class _TimedForward:
         self.clock = _Clock(device)
         self.encoder_ms: list[float] = []
         self.decoder_ms: list[float] = []
+        self.last: tuple = ()  # the last batch on the device and its image features (for the click protocol)
 
     def __call__(self, batch):
         batch = to_device(batch, self.device)
@@ -74,6 +77,7 @@ class _TimedForward:
             middle = self.clock.mark()
             outputs = sam_forward(self.model, batch, features=features, hq_token_only=self.hq_token_only)
             end = self.clock.mark()
+        self.last = (batch, features)
         if self.warmup:
             self.warmup -= 1
         else:
@@ -94,18 +98,31 @@ def evaluate_split(
     with_rle: bool = False,
     precision: str = "fp32",
     hq_token_only: bool = False,
+    clicks: int = 0,
 ) -> tuple[dict, list[dict]]:
     """Metrics, latency and (with ``with_rle``) COCO detections of ``model`` on an evaluation dataset.
 
     ``precision``: the model runs under that autocast (samtune.inference); masks are scored in fp32.
+    ``clicks``: also the click protocol's ``clicks`` entry, its rounds on the plain evaluation's image features
+    and first outputs (untimed: latency stays the plain forward's).
     """
     autocast = inference.autocast(device, precision)
     device = torch.device(device)
     model.to(device).eval()
     loader = make_loader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False)
     forward = _TimedForward(model, device, autocast, warmup=1 if len(loader) > 1 else 0, hq_token_only=hq_token_only)
-    records = score_loader(loader, forward, processor, with_rle=with_rle)
+    click_records: list[dict] = []
+
+    def follow(_batch, outputs) -> None:
+        batch, features = forward.last
+        with autocast:
+            run = follow_clicks(model, batch, processor, clicks, features, outputs, hq_token_only)
+        click_records.extend(run.records)
+
+    records = score_loader(loader, forward, processor, with_rle=with_rle, on_batch=follow if clicks else None)
     metrics = aggregate(records, dataset.source.categories)
+    if clicks:
+        metrics["clicks"] = summarize(click_records, clicks)
     metrics["latency"] = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -165,6 +182,19 @@ def format_table(columns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_clicks(columns: dict[str, dict]) -> str:
+    """The click curves as percentages, one line per evaluated model."""
+    lines = []
+    for name, metrics in columns.items():
+        curve, nan = metrics["clicks"], float("nan")
+        values = " ".join(f"{100 * v:.2f}" for v in curve["mIoU"])
+        lines.append(
+            f"{name}: mIoU % after 0..{len(curve['mIoU']) - 1} clicks {values}; "
+            f"NoC85 {curve.get('NoC85', nan):.2f}, NoC90 {curve.get('NoC90', nan):.2f}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="hub id, model folder (any SAM family) or original checkpoint")
@@ -182,7 +212,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compare-base", action="store_true", help="also evaluate --model without the adapter")
     parser.add_argument("--baseline", help="also evaluate this model (e.g. the base of a full / decoder run)")
     parser.add_argument("--output", type=Path, help="results JSON (COCO results go beside it: *.segm.json)")
+    parser.add_argument(
+        "--clicks", type=int, default=0, help="also K correction clicks after the prompt: mIoU per click, NoC85/90"
+    )
     args = parser.parse_args(argv)
+    if args.clicks < 0:
+        raise UserError(f"--clicks {args.clicks}: the number of correction clicks is at least 0 (0: off)")
 
     if args.output and not args.output.resolve().parent.is_dir():  # found now, not after the work
         raise UserError(f"--output {args.output}: its folder {args.output.parent} does not exist")
@@ -213,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.coco,
             args.precision,
             args.hq_token_only,
+            args.clicks,
         )
         metrics.update(
             model=weights,
@@ -231,6 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
         columns[name] = metrics
         results[name] = metrics
     print(format_table(columns))
+    if args.clicks:
+        print(format_clicks(columns))
     if source.index.skipped or any(not image.instances for image in source.images):
         print("not scored: " + "; ".join(f"{count} {why}" for why, count in skipped_counts(source).items()))
     out = results if len(results) > 1 else next(iter(results.values()))

@@ -33,8 +33,21 @@ def paint(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarra
     return out.clip(0, 255).astype(np.uint8)
 
 
-def overlay_panel(batch: SamBatch, row: int, logits: torch.Tensor, processor) -> np.ndarray:
-    """(H, 2W + 4, 3) uint8 at the model's input scale: the image with its ground truth, then with the prediction."""
+def draw_points(image: np.ndarray, points: np.ndarray, radius: int) -> np.ndarray:
+    """Dots on an (H, W, 3) image for (P, 3) x, y, label rows: green positive, red negative."""
+    out = image.copy()
+    rows, cols = np.ogrid[: out.shape[0], : out.shape[1]]
+    for x, y, label in points:
+        disc = (cols - x) ** 2 + (rows - y) ** 2 <= radius**2
+        out[disc] = (0, 200, 0) if label > 0 else (220, 0, 0)
+    return out
+
+
+def overlay_panel(
+    batch: SamBatch, row: int, logits: torch.Tensor, processor, points: np.ndarray | None = None
+) -> np.ndarray:
+    """(H, 2W + 4, 3) uint8 at the model's input scale: the image with its ground truth, then with the prediction
+    and ``points`` ((P, 3) x, y in the model's input frame, label), e.g. the clicks that led to it."""
     height, width = (int(v) for v in batch["reshaped_input_sizes"][row])
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
@@ -48,4 +61,7 @@ def overlay_panel(batch: SamBatch, row: int, logits: torch.Tensor, processor) ->
     predicted = F.interpolate(logits[row, :count][None].float().cpu(), size=(side, side), mode="bilinear")[0]
     predicted = predicted[:, :height, :width] > 0
     gap = np.full((height, 4, 3), 255, np.uint8)
-    return np.concatenate([paint(image, truth.numpy()), gap, paint(image, predicted.numpy())], axis=1)
+    shown = paint(image, predicted.numpy())
+    if points is not None and len(points):
+        shown = draw_points(shown, points, radius=max(1, round(max(height, width) / 100)))
+    return np.concatenate([paint(image, truth.numpy()), gap, shown], axis=1)

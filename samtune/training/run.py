@@ -27,6 +27,7 @@ from samtune.checkpointing import (
     save_checkpoint,
     staged_folder,
 )
+from samtune.click_protocol import follow_clicks, summarize
 from samtune.config import MIXED_KINDS, Config, flat_values
 from samtune.data.batch import SamBatch
 from samtune.data.dataset import Split
@@ -296,7 +297,10 @@ class TrainingRun:
             if metrics is not None:
                 self.keep_best(metrics)
                 if train.early_stopping and self.state.evals_without_improvement >= train.early_stopping:
-                    self.stop_reason = f"early stopping: no better val mIoU in {train.early_stopping} evaluations"
+                    criterion = "mIoU" if train.select_on == "mIoU" else "click-curve mean"
+                    self.stop_reason = (
+                        f"early stopping: no better val {criterion} in {train.early_stopping} evaluations"
+                    )
         if train.save_every and step % train.save_every == 0:
             save_checkpoint(self.accelerator, self.state, self.out, train.keep_checkpoints)
         self.check_signals(signals)
@@ -328,25 +332,46 @@ class TrainingRun:
     # ---------------------------------------------------------------- evaluation
 
     def evaluate(self, split: Split, overlays: int = 0) -> tuple[dict, list]:
-        """Metrics over a whole split (each instance once, whatever the process count), and overlay panels."""
+        """Metrics over a whole split (each instance once, whatever the process count), and overlay panels as
+        (TensorBoard tag, image); with ``train.eval_clicks``, also the click protocol's ``clicks`` entry and
+        panels of its last round with the clicks drawn."""
         panels: list = []
+        clicks, hq_token_only = self.config.train.eval_clicks, self.config.model.hq_token_only
+        click_records: list[dict] = []
+        click_panels: list = []
+        drawing = bool(overlays) and self.accelerator.is_main_process
 
         def draw(batch: SamBatch, outputs) -> None:
             logits, _ = predicted_masks(outputs)
             for row in range(min(overlays - len(panels), len(batch["image_id"]))):
                 panels.append(overlay_panel(batch, row, logits, self.processor))
 
+        def forward(batch: SamBatch):
+            if not clicks:
+                return self.forward(batch, split)
+            features = self.features(batch, split)  # one encoder pass for the first prompt and every click
+            outputs = sam_forward(self.model, batch, features=features, hq_token_only=hq_token_only)
+            run = follow_clicks(self.model, batch, self.processor, clicks, features, outputs, hq_token_only)
+            click_records.extend(run.records)
+            for row in range(min(overlays - len(click_panels), len(batch["image_id"])) if drawing else 0):
+                click_panels.append(overlay_panel(batch, row, run.logits, self.processor, run.points[row]))
+            return outputs
+
         self.model.eval()
         records = score_loader(
             self.eval_loaders[split],
-            lambda batch: self.forward(batch, split),
+            forward,
             self.processor,
-            on_batch=draw if overlays and self.accelerator.is_main_process else None,
+            on_batch=draw if drawing else None,
             progress=self.accelerator.is_local_main_process,
         )
         self.model.train()
         # Each rank scored its shard; samples the sampler repeated to even out shards collapse on their ids.
-        return aggregate(gather_object(records), self.data.categories[split]), panels
+        metrics = aggregate(gather_object(records), self.data.categories[split])
+        if clicks:
+            metrics["clicks"] = summarize(gather_object(click_records), clicks)
+        tagged = [(f"overlay_{i}", panel) for i, panel in enumerate(panels)]
+        return metrics, tagged + [(f"clicks_overlay_{i}", panel) for i, panel in enumerate(click_panels)]
 
     def record(self, kind: str, metrics: dict, panels: list, train_loss: float | None, split: Split) -> None:
         """One line of metrics.jsonl (and of the checkpointed history), TensorBoard scalars and overlays."""
@@ -360,12 +385,16 @@ class TrainingRun:
         }
         self.state.history.append(line)
         scalars = {f"{split.value}/{k}": v for k, v in metrics.items() if isinstance(v, float)}
+        curve = metrics.get("clicks")
+        if curve:
+            scalars.update({f"{split.value}/clicks_mIoU_{k}": v for k, v in enumerate(curve["mIoU"])})
+            scalars.update({f"{split.value}/{k}": v for k, v in curve.items() if k.startswith(("NoC", "failed"))})
         self.accelerator.log(scalars, step=self.state.step)
         if self.accelerator.is_main_process:
             with self.metrics_file.open("a") as f:
                 f.write(json.dumps(line) + "\n")
-            for index, panel in enumerate(panels):
-                tag = f"{split.value}/overlay_{index}"
+            for name, panel in panels:
+                tag = f"{split.value}/{name}"
                 self.tracker.writer.add_image(tag, panel, global_step=self.state.step, dataformats="HWC")
 
     def validate(self, kind: str, train_loss: float | None = None) -> dict | None:
@@ -377,6 +406,13 @@ class TrainingRun:
             "step %d %s: val mIoU %.4f mF1 %.4f (%d instances)",
             self.state.step, kind, metrics["mIoU"], metrics["mF1"], metrics["num_instances"],
         )  # fmt: skip
+        if "clicks" in metrics:
+            curve = metrics["clicks"]
+            logger.info(
+                "step %d %s: val mIoU after 0..%d clicks %s, NoC85 %.2f, NoC90 %.2f",
+                self.state.step, kind, len(curve["mIoU"]) - 1, " ".join(f"{v:.4f}" for v in curve["mIoU"]),
+                curve.get("NoC85", float("nan")), curve.get("NoC90", float("nan")),
+            )  # fmt: skip
         return metrics
 
     def score_test(self, kind: str) -> dict | None:
@@ -388,18 +424,27 @@ class TrainingRun:
         logger.info("step %d %s: test mIoU %.4f mF1 %.4f", self.state.step, kind, metrics["mIoU"], metrics["mF1"])
         return metrics
 
+    def selection_value(self, metrics: dict) -> float:
+        """What best/ and early stopping compare (``train.select_on``): val mIoU, or the mean of the click curve."""
+        if self.config.train.select_on == "clicks":
+            return metrics["clicks"]["mIoU_mean"]
+        return metrics["mIoU"]
+
     def keep_best(self, metrics: dict) -> None:
-        """Save these weights as best/ if their val mIoU beats the best so far (a NaN mIoU never does)."""
+        """Save these weights as best/ if their selection value beats the best so far (NaN never does);
+        ``state.best_miou`` holds the best selection value."""
         state = self.state
-        if not metrics["mIoU"] > state.best_miou:
+        value = self.selection_value(metrics)
+        if not value > state.best_miou:
             state.evals_without_improvement += 1
             return
-        state.best_miou, state.best_step, state.evals_without_improvement = metrics["mIoU"], state.step, 0
+        state.best_miou, state.best_step, state.evals_without_improvement = value, state.step, 0
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
+            saved = {"step": state.step, "selected_on": self.config.train.select_on, "selected_value": value}
             with staged_folder(self.out / "best") as scratch:  # a kill leaves the old best/ or the new one
                 save_trained(self.accelerator.unwrap_model(self.model), self.processor, scratch)
-                (scratch / "metrics.json").write_text(json.dumps({"step": state.step, **metrics}, indent=2))
+                (scratch / "metrics.json").write_text(json.dumps({**saved, **metrics}, indent=2))
 
     # ---------------------------------------------------------------- end
 
@@ -464,6 +509,15 @@ class TrainingRun:
         results["peak_memory_gib"] = report.peak_memory_gib(self.accelerator.device)
         return results
 
+    def best_miou(self) -> float:
+        """Val mIoU of the weights in best/: ``state.best_miou`` is what was compared (with ``train.select_on``
+        clicks the click curve's mean), so the mIoU comes from that evaluation's history line."""
+        state = self.state
+        for line in state.history:
+            if line["step"] == state.best_step and not line["kind"].startswith("test"):
+                return line["mIoU"]
+        return state.best_miou
+
     def summary(self, results: dict) -> dict:
         """results.json: the parameter report, steps, best, non-finite steps, epoch times, cache use, results."""
         state, cache = self.state, self.cache
@@ -471,7 +525,9 @@ class TrainingRun:
             "parameters": self.parameters,
             "steps": state.step,
             "best_step": state.best_step,
-            "best_mIoU": state.best_miou if state.best_step >= 0 else None,
+            "best_mIoU": self.best_miou() if state.best_step >= 0 else None,
+            "select_on": self.config.train.select_on,
+            "best_selected_value": state.best_miou if state.best_step >= 0 else None,
             "nonfinite_steps": state.nonfinite_total,
             "epoch_seconds": state.epoch_seconds,
             "embedding_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
