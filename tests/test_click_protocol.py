@@ -211,3 +211,18 @@ def test_training_reports_the_curve_and_selects_on_it(tmp_path, small, train_tin
     scalars = set(events.Tags()["scalars"])
     assert {"val/clicks_mIoU_0", "val/clicks_mIoU_2", "val/NoC85", "val/NoC90", "val/mIoU"} <= scalars
     assert {"val/overlay_0", "val/clicks_overlay_0"} <= set(events.Tags()["images"])
+
+
+def test_closing_table_shows_the_best_weights_val_miou_when_selected_on_clicks(tmp_path):
+    from samtune.checkpointing import TrainerState
+    from samtune.training.report import closing_table
+
+    state = TrainerState()
+    state.step, state.best_step, state.best_miou = 4, 2, 0.9  # best_miou: the curve mean that was compared
+    state.history = [
+        {"step": 2, "kind": "eval", "mIoU": 0.5, "mF1": 0.6},
+        {"step": 2, "kind": "test-zero-shot", "mIoU": 0.1, "mF1": 0.2},
+    ]
+    table = closing_table(state, {"final": {"mIoU": 0.4, "mF1": 0.5}}, tmp_path)
+    best_row = next(line for line in table.splitlines() if line.startswith("val best"))
+    assert best_row.split()[-2:] == ["50.00", "60.00"]

@@ -25,6 +25,7 @@ RESUME_KEYS = (
     "model.name_or_path", "peft.method", "peft.targets", "peft.rank", "peft.alpha", "peft.train_modules",
     "data.train_annotations", "data.train_images", "data.prompt", "data.max_instances",
     "train.batch_size", "train.grad_accum", "train.seed",
+    "train.correction_clicks", "train.mask_prompt_prob", "train.mask_only_round", "train.select_on",
 )  # fmt: skip
 
 

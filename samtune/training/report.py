@@ -82,10 +82,15 @@ def closing_table(state: TrainerState, results: dict, out: Path) -> str:
         return [f"{name:<26}{100 * metrics['mIoU']:>8.2f}{f1}"]
 
     test = results.get("test") or {}
+    # the best weights' own val line (with select_on clicks, best_miou holds the click curve's mean instead)
+    best = next(
+        (line for line in state.history if line["step"] == state.best_step and not line["kind"].startswith("test")),
+        None,
+    )
     rows = [
         *row("val zero-shot", results.get("zero_shot")),
         *row(f"val final (step {state.step})", results.get("final")),
-        *(row(f"val best (step {state.best_step})", {"mIoU": state.best_miou}) if state.best_step >= 0 else []),
+        *(row(f"val best (step {state.best_step})", best) if state.best_step >= 0 else []),
         *row("test zero-shot", test.get("zero_shot")),
         *row(f"test fine-tuned (step {test.get('weights_step')})", test.get("best")),
     ]
