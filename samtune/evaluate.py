@@ -269,8 +269,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(columns))
     if args.clicks:
         print(format_clicks(columns))
-    if source.index.skipped or any(not image.instances for image in source.images):
-        print("not scored: " + "; ".join(f"{count} {why}" for why, count in skipped_counts(source).items()))
+    if not_scored := skipped_counts(source):
+        print("not scored: " + "; ".join(f"{count} {why}" for why, count in not_scored.items()))
     out = results if len(results) > 1 else next(iter(results.values()))
     if args.output:
         args.output.write_text(json.dumps(out, indent=2))

@@ -21,6 +21,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = (
     "attention_tiles",
     "cached_epochs",
+    "click_curves",
     "data_loading",
     "latency",
     "method_table",
@@ -397,6 +398,54 @@ def fake_results(method: str, seed: int) -> dict:
     }
 
 
+def test_click_curves_quick_trains_both_variants_and_scores_the_curves(load, tmp_path, monkeypatch):
+    """--quick for real (2 steps per run, in this process): the clicks run trains with correction rounds, the
+    single-shot one does not; every weight set is scored from a point and from a box; table and SVG drawn."""
+    from samtune.train import main as train_main
+
+    curves, table = load("click_curves"), load("method_table")
+    commands = []
+
+    def launch(command, env):
+        commands.append(command)
+        train_main(command[2:])
+
+    monkeypatch.setattr(curves.method_table, "launch", launch)
+    out, md, drawing = tmp_path / "curves.json", tmp_path / "curves.md", tmp_path / "curves.svg"
+    rows = curves.main(["--quick", "--output", str(tmp_path / "runs"), "--json", str(out), "--markdown", str(md),
+                        "--svg", str(drawing)])  # fmt: skip
+    check_report(out, rows, "click_curves")
+    assert [(row["variant"], row["protocol"]) for row in rows] == [
+        (variant, protocol) for variant in curves.VARIANTS for protocol in curves.PROTOCOLS
+    ]
+    options = [dict(zip(c[2::2], c[3::2])) for c in commands]
+    assert [o.get("--train.correction_clicks") for o in options] == [None, "3"]
+    assert all(o["--data.prompt"] == "mixed" and o["--train.lr"] == str(table.LEARNING_RATES["dora"]) for o in options)
+    for row in rows:
+        assert len(row["mIoU_mean"]) == 3 and all(0 <= v <= 1 for v in row["mIoU_mean"])
+        assert 1 <= row["NoC85_mean"] <= 3 and row["NoC90_mean"] >= row["NoC85_mean"]
+    box = json.loads((tmp_path / "runs" / "scores" / "zero-shot-seed0-box-2.json").read_text())
+    assert rows[1]["mIoU_mean"][0] == pytest.approx(box["mIoU"])  # the curve starts at the single-shot score
+    assert len(md.read_text().splitlines()) == 8 and drawing.read_text().count("<polyline") == 3
+    commands.clear()
+    assert curves.main(["--quick", "--output", str(tmp_path / "runs"), "--json", str(out)]) == rows  # reused
+    assert not commands
+
+
+def test_click_curves_summary_is_the_mean_and_std_over_seeds(load):
+    curves = load("click_curves")
+    scores = [
+        {"variant": "clicks", "protocol": "point", "seed": seed,
+         "clicks": {"mIoU": [0.2 + 0.1 * seed, 0.5, 0.6 + 0.2 * seed], "NoC85": 2.0 + seed, "NoC90": 3.0,
+                    "failed85": 0.5, "failed90": 1.0}}
+        for seed in (0, 1)
+    ]  # fmt: skip
+    (row,) = curves.summarise(scores)
+    assert row["mIoU_mean"] == pytest.approx([0.25, 0.5, 0.7])
+    assert row["mIoU_std"] == pytest.approx([0.1 / 2**0.5, 0.0, 0.2 / 2**0.5])
+    assert (row["NoC85_mean"], row["NoC85_std"]) == pytest.approx((2.5, 2**-0.5))
+
+
 def test_method_table_quick(load, tmp_path, monkeypatch):
     table = load("method_table")
     launched = []
@@ -460,3 +509,4 @@ def test_method_table_one_real_run(load, tmp_path, monkeypatch):
     assert run["train_ms"] == pytest.approx(1000 * sum(results["epoch_seconds"]))
     assert run["peak_memory_mib"] == pytest.approx(1024 * results["peak_memory_gib"])
     assert run["wall_ms"] == pytest.approx(1000 * results["wall_seconds"])
+
