@@ -148,6 +148,9 @@ def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, m
     demo_main(["pretrain", "--output", str(out), *chosen, "--steps", "2", "--install", "--data.num_workers", "0"])
     record = json.loads((out / "pretraining.json").read_text())
     assert record["steps"] == 2 and record["base"] == base
+    # SAM 2 spends its first steps on the decoder alone (here 1 of 2), then trains everything from there
+    assert record["decoder_first_steps"] == (1 if base == "sam2" else 0)
+    assert (out / "decoder-first" / "final").is_dir() == (base == "sam2")
     given = " ".join(["--output", str(out), *chosen, "--seed", "0", "--steps", "2", "--data.num_workers", "0"])
     assert record["command"] == f"samtune demo pretrain {given}"  # what ran, to run it again
     for key in ("source_val_box_mIoU", "source_val_point_mIoU", "target_test_box_mIoU", "target_test_point_mIoU"):

@@ -4,9 +4,10 @@
         [--section.key v]
 
 ``--base`` picks the architecture (``samtune.demo.bases``: sam, the default, or sam2); every base is pretrained
-the same way, with the settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps);
-resumable (the run continues from its latest checkpoint). Scores source val and target test with box and point
-prompts into ``pretraining.json``; ``--install`` copies the best weights into the base's folder
+with the settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps), a base with
+``decoder_first_steps`` (SAM 2) spending those first on its decoder alone (``OUTPUT/decoder-first``) and the
+rest on everything; resumable (each stage continues from its latest checkpoint). Scores source val and target
+test with box and point prompts into ``pretraining.json``; ``--install`` copies the best weights into the base's folder
 (``samtune/demo/base``, ``samtune/demo/base-sam2``).
 """
 
@@ -44,15 +45,23 @@ def pretrain(
     if not init.exists():
         save_random_sam(demo_base(base).config(), init, seed=seed)
     paths = {
-        "model.name_or_path": init,
         "data.train_annotations": source["train"][0], "data.train_images": source["train"][1],
         "data.val_annotations": source["val"][0], "data.val_images": source["val"][1],
-        "train.seed": seed, "train.resume_from": "latest", "output_dir": output / "run",
-        **({"train.max_steps": steps} if steps else {}),
+        "train.seed": seed, "train.resume_from": "latest",
     }  # fmt: skip
     argv = [item for key, value in paths.items() for item in (f"--{key}", str(value))] + (extra or [])
-    config = parse_args(argv, defaults_file=assets.PRETRAIN_CONFIG)
+    settings = parse_args(["--model.name_or_path", str(init), *argv], defaults_file=assets.PRETRAIN_CONFIG)
+    total = steps or settings.train.max_steps
+    first = min(demo_base(base).decoder_first_steps, total - 1)
     started = time.perf_counter()
+    if first > 0:  # the decoder alone, then everything from its final weights
+        stage = ["--model.name_or_path", str(init), "--output_dir", str(output / "decoder-first"),
+                 "--peft.method", "decoder", "--train.max_steps", str(first)]  # fmt: skip
+        train(parse_args(argv + stage, defaults_file=assets.PRETRAIN_CONFIG))
+        init = output / "decoder-first" / "final"
+    stage = ["--model.name_or_path", str(init), "--output_dir", str(output / "run"), "--train.max_steps",
+             str(total - first)]  # fmt: skip
+    config = parse_args(argv + stage, defaults_file=assets.PRETRAIN_CONFIG)
     results = train(config)
     minutes = (time.perf_counter() - started) / 60
     scores = {}
@@ -74,7 +83,8 @@ def pretrain(
         "parameters": json.loads((output / "run" / "parameters.json").read_text())["all"]["total"],
         "minutes": round(minutes, 1),
         "threads": torch.get_num_threads(),
-        "steps": config.train.max_steps,
+        "steps": total,
+        "decoder_first_steps": first,
         "lr": config.train.lr,
         "best_step": results.get("best_step"),
         "seed": seed,
