@@ -74,6 +74,15 @@ def ranks_in_sync(accelerator: Accelerator, model: torch.nn.Module) -> bool:
     return bool(np.all(gathered == gathered[0]))
 
 
+def best_line(state: TrainerState) -> dict | None:
+    """The val line of the weights in best/ (``state.best_miou`` is what was compared: with ``train.select_on``
+    clicks, the click curve's mean)."""
+    return next(
+        (line for line in state.history if line["step"] == state.best_step and not line["kind"].startswith("test")),
+        None,
+    )
+
+
 def closing_table(state: TrainerState, results: dict, out: Path) -> str:
     def row(name: str, metrics: dict | None) -> list[str]:
         if not metrics:
@@ -82,11 +91,7 @@ def closing_table(state: TrainerState, results: dict, out: Path) -> str:
         return [f"{name:<26}{100 * metrics['mIoU']:>8.2f}{f1}"]
 
     test = results.get("test") or {}
-    # the best weights' own val line (with select_on clicks, best_miou holds the click curve's mean instead)
-    best = next(
-        (line for line in state.history if line["step"] == state.best_step and not line["kind"].startswith("test")),
-        None,
-    )
+    best = best_line(state)
     rows = [
         *row("val zero-shot", results.get("zero_shot")),
         *row(f"val final (step {state.step})", results.get("final")),

@@ -510,13 +510,9 @@ class TrainingRun:
         return results
 
     def best_miou(self) -> float:
-        """Val mIoU of the weights in best/: ``state.best_miou`` is what was compared (with ``train.select_on``
-        clicks the click curve's mean), so the mIoU comes from that evaluation's history line."""
-        state = self.state
-        for line in state.history:
-            if line["step"] == state.best_step and not line["kind"].startswith("test"):
-                return line["mIoU"]
-        return state.best_miou
+        """Val mIoU of the weights in best/ (from that evaluation's line: ``state.best_miou`` is what was compared)."""
+        line = report.best_line(self.state)
+        return line["mIoU"] if line else self.state.best_miou
 
     def summary(self, results: dict) -> dict:
         """results.json: the parameter report, steps, best, non-finite steps, epoch times, cache use, results."""
