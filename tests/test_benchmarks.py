@@ -510,3 +510,40 @@ def test_method_table_one_real_run(load, tmp_path, monkeypatch):
     assert run["peak_memory_mib"] == pytest.approx(1024 * results["peak_memory_gib"])
     assert run["wall_ms"] == pytest.approx(1000 * results["wall_seconds"])
 
+
+def test_method_table_on_the_sam2_demo_base(load, tmp_path, monkeypatch):
+    """--base sam2: every run on the SAM 2 demo base, as `samtune train --model.demo_base sam2`; --quick for real."""
+    from transformers import Sam2Model
+
+    from samtune.demo.bases import BASES
+    from samtune.train import main as train_main
+
+    table = load("method_table")
+    launched = []
+
+    def launch(command, env):  # the full table's commands: the demo knob, nothing else changed
+        launched.append(command)
+        options = dict(zip(command[2::2], command[3::2]))
+        Path(options["--output_dir"]).mkdir(parents=True)
+        results = fake_results(options["--peft.method"], int(options["--train.seed"]))
+        (Path(options["--output_dir"]) / "results.json").write_text(json.dumps(results))
+
+    monkeypatch.setattr(table, "launch", launch)
+    table.main(["--base", "sam2", "--methods", "none", "dora", "--seeds", "0", "--output", str(tmp_path / "full")])
+    assert [dict(zip(c[2::2], c[3::2]))["--model.demo_base"] for c in launched] == ["sam2", "sam2"]
+    table.main(["--methods", "none", "--seeds", "1", "--output", str(tmp_path / "sam")])
+    assert "--model.demo_base" not in launched[-1]  # the default base: the commands as before
+
+    monkeypatch.setattr(table, "launch", lambda command, env: train_main(command[2:]))
+    out = tmp_path / "table.json"
+    (row,) = table.main(["--quick", "--base", "sam2", "--methods", "dora", "--seeds", "0", "--output",
+                         str(tmp_path / "quick"), "--json", str(out)])  # fmt: skip
+    meta = check_report(out, [row], "method_table")
+    assert meta["base"] == "sam2" and meta["train_args"][meta["train_args"].index("--model.name_or_path") + 1] == str(
+        BASES["sam2"].folder
+    )
+    (run,) = row["runs"]
+    results = json.loads((tmp_path / "quick" / "dora-seed0" / "results.json").read_text())
+    assert results["steps"] == 2 and 0 <= run["test_mIoU"] <= 1 and 0 <= run["zero_shot_mIoU"] <= 1
+    total = sum(p.numel() for p in Sam2Model.from_pretrained(BASES["sam2"].folder).parameters())
+    assert 0 < run["trainable"] < total / 10  # adapters on the SAM 2 base

@@ -17,6 +17,7 @@ from samtune.demo import assets, bases
 from samtune.demo.domains import MIN_VISIBLE_PIXELS, TARGET_CATEGORIES, DomainSpec, make_domain_coco, render
 from samtune.demo.pretrain import main as demo_main
 from samtune.models.architectures import demo_sam_config
+from samtune.models.loading import load_sam
 from samtune.train import main as train_main
 from samtune.train import parse_config
 
@@ -151,6 +152,7 @@ def test_the_pretraining_command_trains_scores_and_installs_a_base(small_demo, m
     # SAM 2 spends its first steps on the decoder alone (here 1 of 2), then trains everything from there
     assert record["decoder_first_steps"] == (1 if base == "sam2" else 0)
     assert (out / "decoder-first" / "final").is_dir() == (base == "sam2")
+    assert record["prompt"] == ("box+point" if base == "sam2" else "mixed")  # each base's own pretraining prompts
     given = " ".join(["--output", str(out), *chosen, "--seed", "0", "--steps", "2", "--data.num_workers", "0"])
     assert record["command"] == f"samtune demo pretrain {given}"  # what ran, to run it again
     for key in ("source_val_box_mIoU", "source_val_point_mIoU", "target_test_box_mIoU", "target_test_point_mIoU"):
@@ -201,6 +203,26 @@ def test_the_sam2_demo_config_trains_from_scratch():
     assert model.vision_encoder.backbone.patch_embed.projection.weight.grad.abs().max() > 1e-6  # a gradient reaches it
 
 
+def test_shipped_sam2_base_loads_like_a_hub_folder_and_is_small(tiny_demo):
+    folder = bases.BASES["sam2"].folder
+    files = {path.name: path.stat().st_size for path in folder.iterdir()}
+    assert set(files) == {"config.json", "model.safetensors", "processor_config.json", "pretraining.json"}
+    assert sum(files.values()) <= 10 * 2**20
+    assert assets.prepare_demo(base="sam2").model == folder  # the demo's own lookup
+    model, processor = load_sam(ModelConfig(name_or_path=str(folder)))  # what samtune train does with a folder
+    assert isinstance(model, Sam2Model) and isinstance(AutoModelForMaskGeneration.from_pretrained(folder), Sam2Model)
+    assert processor.image_processor.size == {"height": 256, "width": 256}
+    expected = bases.demo_sam2_config().vision_config.backbone_config
+    backbone = model.config.vision_config.backbone_config
+    assert backbone.embed_dim_per_stage == expected.embed_dim_per_stage
+    assert backbone.blocks_per_stage == expected.blocks_per_stage
+    record = json.loads((folder / "pretraining.json").read_text())
+    assert record["command"].startswith("samtune demo pretrain --output ") and "--base sam2" in record["command"]
+    assert record["base"] == "sam2" and record["parameters"] == sum(p.numel() for p in model.parameters())
+    assert record["source_val_box_mIoU"] > 0.5  # what pretraining reached on its own domain
+    assert record["target_test_box_mIoU"] < record["source_val_box_mIoU"] - 0.1  # and the shift it faces
+
+
 @pytest.fixture
 def tiny_demo(tmp_path, monkeypatch):
     """The demo with tiny target-domain splits in a private cache."""
@@ -209,3 +231,19 @@ def tiny_demo(tmp_path, monkeypatch):
               "test": DomainSpec("target", 2, seed=7003)}  # fmt: skip
     monkeypatch.setattr(assets, "TARGET_SPLITS", splits)
     return tmp_path
+
+
+def test_the_demo_runs_on_the_sam2_base_by_one_knob(tiny_demo):
+    settings = yaml.safe_load(assets.RUN_CONFIG.read_text())
+    config = parse_config(["--model.demo_base", "sam2"])
+    assert config.peft.method == settings["peft"]["method"] and config.output_dir == settings["output_dir"]
+    out = tiny_demo / "run"
+    results = train_main(["--model.demo_base", "sam2", "--output_dir", str(out), "--train.max_steps", "2",
+                          "--data.num_workers", "0", "--train.log_images", "0"])  # fmt: skip
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["model"]["name_or_path"] == str(bases.BASES["sam2"].folder)
+    assert resolved["model"]["demo_base"] == "sam2" and resolved["peft"]["method"] == settings["peft"]["method"]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["steps"] == 2 and 0 < summary["parameters"]["all"]["trainable"] < 10**5  # adapters only
+    test = results["test"]
+    assert 0 <= test["zero_shot"]["mIoU"] <= 1 and 0 <= test["best"]["mIoU"] <= 1

@@ -4,11 +4,12 @@
         [--section.key v]
 
 ``--base`` picks the architecture (``samtune.demo.bases``: sam, the default, or sam2); every base is pretrained
-with the settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps), a base with
-``decoder_first_steps`` (SAM 2) spending those first on its decoder alone (``OUTPUT/decoder-first``) and the
-rest on everything; resumable (each stage continues from its latest checkpoint). Scores source val and target
-test with box and point prompts into ``pretraining.json``; ``--install`` copies the best weights into the base's folder
-(``samtune/demo/base``, ``samtune/demo/base-sam2``).
+with the settings in ``samtune/demo/pretrain.yaml`` (full fine-tuning, mixed prompts, 3000 steps) and its own
+prompts (``DemoBase.prompt``: SAM 2 draws box+point), a base with ``decoder_first_steps`` (SAM 2) spending those
+first on its decoder alone (``OUTPUT/decoder-first``) and the rest on everything; resumable (each stage continues
+from its latest checkpoint). Scores source val and target test with box and point prompts into
+``pretraining.json``; ``--install`` copies the best weights into the base's folder (``samtune/demo/base``,
+``samtune/demo/base-sam2``).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def pretrain(
     paths = {
         "data.train_annotations": source["train"][0], "data.train_images": source["train"][1],
         "data.val_annotations": source["val"][0], "data.val_images": source["val"][1],
-        "train.seed": seed, "train.resume_from": "latest",
+        "data.prompt": demo_base(base).prompt, "train.seed": seed, "train.resume_from": "latest",
     }  # fmt: skip
     argv = [item for key, value in paths.items() for item in (f"--{key}", str(value))] + (extra or [])
     settings = parse_args(["--model.name_or_path", str(init), *argv], defaults_file=assets.PRETRAIN_CONFIG)
@@ -85,6 +86,7 @@ def pretrain(
         "threads": torch.get_num_threads(),
         "steps": total,
         "decoder_first_steps": first,
+        "prompt": config.data.prompt,
         "lr": config.train.lr,
         "best_step": results.get("best_step"),
         "seed": seed,
