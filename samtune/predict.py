@@ -377,18 +377,18 @@ def _scale(coords: list, scale: torch.Tensor) -> torch.Tensor:
     return (values.reshape(-1, 2) * scale).reshape(values.shape)
 
 
-@torch.no_grad()
-def prompted_masks(
-    model, processor, image: np.ndarray, instances: list[Instance], device, hq_token_only: bool = False
-) -> list[Found]:
-    """(mask at original size, score, low-res logits) per instance, in order.
+class Encoded(NamedTuple):
+    """One image through the processor and the image encoder: all that decoding its prompts needs."""
 
-    The image encoder runs once; the decoder once per group of instances with the same kind of prompt (box or
-    not, click count, mask prompt or not): one decoder row per instance, as a mask prompt per instance needs
-    (``samtune.interactive``), and no padding, so an instance's mask does not depend on the others'.
-    """
-    if not instances:
-        return []
+    inputs: dict  # the processor's output (pixel_values, original_sizes, reshaped_input_sizes for SAM / SAM-HQ)
+    reshaped: tuple[int, int]  # the image's size inside the model's input frame
+    scale: torch.Tensor  # original pixels -> input frame: (x, y) factors
+    features: dict  # decoder_inputs(image_features(...)): what the decoder takes in place of pixel_values
+
+
+@torch.no_grad()
+def encode_image(model, processor, image: np.ndarray, device) -> Encoded:
+    """The processor and the image encoder, once per image: any number of prompts decode from the result."""
     inputs = processor(images=image, return_tensors="pt")
     pixel_values = inputs["pixel_values"]
     if "reshaped_input_sizes" in inputs:
@@ -397,8 +397,33 @@ def prompted_masks(
         reshaped = tuple(pixel_values.shape[-2:])
     original = tuple(int(v) for v in inputs["original_sizes"][0])
     scale = torch.tensor([reshaped[1] / original[1], reshaped[0] / original[0]])
-    _, side = mask_frame(model)
     features = decoder_inputs(model, image_features(model, pixel_values.to(device)))
+    return Encoded(inputs, reshaped, scale, features)
+
+
+@torch.no_grad()
+def prompted_masks(
+    model, processor, image: np.ndarray, instances: list[Instance], device, hq_token_only: bool = False
+) -> list[Found]:
+    """(mask at original size, score, low-res logits) per instance, in order; the image encoder runs once."""
+    if not instances:
+        return []
+    encoded = encode_image(model, processor, image, device)
+    return decode_prompts(model, processor, encoded, instances, device, hq_token_only)
+
+
+@torch.no_grad()
+def decode_prompts(
+    model, processor, encoded: Encoded, instances: list[Instance], device, hq_token_only: bool = False
+) -> list[Found]:
+    """(mask at original size, score, low-res logits) per instance of an encoded image, in order.
+
+    The decoder runs once per group of instances with the same kind of prompt (box or not, click count, mask
+    prompt or not): one decoder row per instance, as a mask prompt per instance needs (``samtune.interactive``),
+    and no padding, so an instance's mask does not depend on the others'.
+    """
+    inputs, reshaped, scale, features = encoded
+    _, side = mask_frame(model)
     groups: dict[tuple, list[int]] = {}
     for index, instance in enumerate(instances):
         kind = (instance.box is not None, len(instance.points), instance.previous is not None)
@@ -414,7 +439,7 @@ def prompted_masks(
                 prompts["input_points"] = _scale([[item.points] for item in chunk], scale)
                 prompts["input_labels"] = torch.tensor([[item.labels] for item in chunk], dtype=torch.long)
             if has_mask:
-                frame = (reshaped, tuple(pixel_values.shape[-2:]), side)
+                frame = (reshaped, tuple(inputs["pixel_values"].shape[-2:]), side)
                 prompts["input_masks"] = torch.stack([_mask_prompt(item.previous, *frame) for item in chunk])[:, None]
             prompts = {key: value.to(device) for key, value in prompts.items()}
             rows = torch.zeros(len(chunk), dtype=torch.long, device=device)
@@ -484,6 +509,25 @@ def automatic_masks(
         if all((mask & other.mask).sum() / (mask | other.mask).sum() <= overlap for other in kept):
             kept.append(Found(mask, score, logits.cpu()))
     return kept
+
+
+def coco_result(found: Found, image_id: int, file_name: str, instance_id: InstanceId, category_id: int) -> dict:
+    """One mask as a COCO results entry: RLE at the original size, its box, the predicted IoU as score."""
+    ys, xs = np.nonzero(found.mask.numpy())
+    box = (
+        [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+        if len(xs)
+        else [0.0, 0.0, 0.0, 0.0]
+    )
+    return {
+        "image_id": image_id,
+        "file_name": file_name,
+        "instance_id": instance_id,
+        "category_id": category_id,
+        "segmentation": encode_rle(found.mask),
+        "bbox": box,
+        "score": found.score,
+    }
 
 
 def save_logits(path: Path, results: list[dict], logits: list[torch.Tensor], model: torch.nn.Module) -> None:
@@ -574,23 +618,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ids = [instance.id for instance in instances]
             labels = categories.get(name) or [1] * len(found)
         for item, instance_id, category in zip(found, ids, labels):
-            ys, xs = np.nonzero(item.mask.numpy())
-            box = (
-                [float(xs.min()), float(ys.min()), float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
-                if len(xs)
-                else [0.0, 0.0, 0.0, 0.0]
-            )
-            results.append(
-                {
-                    "image_id": image_ids.get(name, number),
-                    "file_name": name,
-                    "instance_id": instance_id,
-                    "category_id": category,
-                    "segmentation": encode_rle(item.mask),
-                    "bbox": box,
-                    "score": item.score,
-                }
-            )
+            results.append(coco_result(item, image_ids.get(name, number), name, instance_id, category))
             logits.append(item.logits)
         if args.overlays:
             target = args.overlays / f"{Path(name).with_suffix('')}.png"
