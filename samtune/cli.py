@@ -6,6 +6,7 @@
     samtune export --adapter RUN/best --out DIR
     samtune convert CHECKPOINT.pth OUT_DIR
     samtune demo prepare | pretrain
+    samtune app [--model M [--adapter A] [--compare-base]] [--annotations F] [--images D]
 
 Each sub-command is its module's own ``main`` (``samtune train --help`` lists every key), imported only when
 chosen, so ``samtune --help`` is instant and quiet. Errors the user can fix end with one line and status 2
@@ -30,6 +31,7 @@ COMMANDS = {
     "export": ("samtune.export", "merge a run's adapter into a plain model folder with a model card"),
     "convert": ("samtune.models.original_checkpoints", "an original SAM / SAM-HQ .pth or SAM 2 .pt to a folder"),
     "demo": ("samtune.demo.pretrain", "generate the demo's data, or pretrain its base"),
+    "app": ("samtune.app.main", "a local page: click to segment, base and fine-tuned side by side (default: demo)"),
 }
 
 
