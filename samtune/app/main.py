@@ -65,12 +65,13 @@ def _demo(args: argparse.Namespace) -> list[str]:
         pass
     if not Path(base).exists():  # the run was made in another clone: its base is the one shipped here
         base = str(BASE_DIR)
+    shown = _short(base)
     if is_adapter_folder(best):
         args.model, args.adapter, args.compare_base = base, str(best), True
-        notes.append(f"Fine-tuned: {best} (the demo run), beside its base {base}.")
+        notes.append(f"Fine-tuned: {best} (the demo run), beside its base {shown}.")
     elif (best / "config.json").is_file():  # a full / decoder demo run: a model folder
         args.model, args.baseline = str(best), base
-        notes.append(f"Fine-tuned: {best} (the demo run), beside its base {base}.")
+        notes.append(f"Fine-tuned: {best} (the demo run), beside its base {shown}.")
     else:
         args.model = base
         notes.append(
@@ -78,6 +79,14 @@ def _demo(args: argparse.Namespace) -> list[str]:
             "minutes on a CPU), then run `samtune app` again to see it beside the base."
         )
     return notes
+
+
+def _short(path: str) -> str:
+    """A path as the user would type it: relative when it lies under the working folder."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return path
 
 
 def _sources(args: argparse.Namespace):

@@ -291,7 +291,7 @@ class Session:
         if step and step.box:
             _draw_box(out, step.box, PALETTE[(len(self.objects) - 1) % len(PALETTE)])
         if step and step.points:
-            radius = max(2, round(max(out.shape[:2]) / 120))
+            radius = max(3, round(max(out.shape[:2]) / 64))
             rows = np.array([[x, y, label] for (x, y), label in zip(step.points, step.labels)])
             out = draw_points(out, rows, radius)
         return out
