@@ -100,6 +100,11 @@ class DataConfig:
     num_points: int = knob(1, "positive points per instance in training (evaluation uses one fixed point)")
     num_negative_points: int = knob(0, "negative points per instance in training, inside the box, outside the mask")
     num_workers: int = knob(2, "DataLoader worker processes")
+    normalize_on: Literal["device", "cpu"] = knob(
+        "device",
+        "device: images travel as uint8 at the model's input size and are normalised where the model runs "
+        "(images with a cached embedding are not read); cpu: the processor normalises them in the loader",
+    )
     check_images: bool = knob(True, "read every image header when opening the data set (existence, size, EXIF)")
     cache_embeddings: bool = knob(True, "compute each image's embedding once when nothing in the image encoder trains")
     embedding_cache_dir: str = knob(

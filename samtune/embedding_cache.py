@@ -114,13 +114,27 @@ class EmbeddingCache:
         save_file({name: tensor.contiguous() for name, tensor in features.items()}, str(scratch))
         os.replace(scratch, self.folder / f"{key}.safetensors")  # atomic: readers never see half a file
 
+    def cached_ids(self, split: Split) -> set[int]:
+        """Image ids of ``split`` whose features are cached: the loader need not read those images."""
+        if self.folder is None:
+            return {i for i in self.paths.get(split, {}) if self._key(split, i) in self.memory}
+        return {i for i in self.paths.get(split, {}) if (self.folder / f"{self._key(split, i)}.safetensors").exists()}
+
     @torch.no_grad()
-    def embeddings(self, split: Split, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode) -> Features:
+    def embeddings(
+        self, split: Split, image_ids: torch.Tensor, pixel_values: torch.Tensor, encode, has_pixels=None
+    ) -> Features:
         """The batch's image features (name -> (B, ...) tensor); ``encode(pixel_values)`` runs only for the
-        images not cached."""
+        images not cached. ``has_pixels`` (B,) marks the images the loader read (the others were cached)."""
         keys = [self._key(split, int(i)) for i in image_ids]
         found = [self._load(key) for key in keys]
         missing = [n for n, value in enumerate(found) if value is None]
+        unread = [int(image_ids[n]) for n in missing if has_pixels is not None and not bool(has_pixels[n])]
+        if unread:  # a cache folder emptied under a running job: the loader trusted it at the epoch's start
+            raise RuntimeError(
+                f"{split.value} image id {unread[0]}: its cached embedding vanished from {self.folder} during the "
+                "epoch; restart the run with train.resume_from latest (it re-reads what is no longer cached)"
+            )
         if missing:
             computed = encode(pixel_values[missing])
             for row, n in enumerate(missing):

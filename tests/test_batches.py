@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from samtune.config import DataConfig
+from samtune.data.batch import to_device
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, make_loader
 from samtune.data.prompts import PAD_LABEL
@@ -137,7 +138,7 @@ def test_none_mode_targets_the_union_of_instances(source, processor):
 def test_batches_feed_the_model(source, processor, tiny_sam, mode):
     config = DataConfig(prompt=mode, num_negative_points=1, max_instances=3)
     dataset = SamPromptDataset(source, processor, config, train=True)
-    batch = next(iter(make_loader(dataset, batch_size=2)))
+    batch = to_device(next(iter(make_loader(dataset, batch_size=2))), "cpu")  # normalised where the model runs
     inputs = {k: batch[k] for k in ("pixel_values", "input_boxes", "input_points", "input_labels") if k in batch}
     with torch.no_grad():
         out = tiny_sam(**inputs, multimask_output=False)

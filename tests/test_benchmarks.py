@@ -340,12 +340,16 @@ def test_data_loading_quick(load, tmp_path):
     check_report(out, rows, "data_loading", device="cpu", threads=1)  # one thread, like a loader worker
     annotations, images = make_synthetic_coco(tmp_path / "coco", SyntheticSpec(6, min_side=64, max_side=128,
                                                                                 max_shapes=6))  # fmt: skip
-    dataset = SamPromptDataset(CocoInstanceDataset(annotations, images), None, DataConfig(), train=True)
-    (row,) = rows
-    assert (row["workers"], row["input_side"], row["batch_size"], row["prompt"]) == (0, 128, 2, "box")
-    assert row["images"] == len(dataset)  # every image with instances, once per pass
-    assert row["images_per_s"] == pytest.approx(row["images"] * 1000 / row["pass_median_ms"])
-    assert math.isfinite(row["open_ms"])
+    dataset = SamPromptDataset(CocoInstanceDataset(annotations, images), None, DataConfig(normalize_on="cpu"))
+    assert [row["path"] for row in rows] == ["cpu", "device", "device+normalise"]  # side by side, one worker count
+    for row in rows:
+        assert (row["workers"], row["input_side"], row["batch_size"], row["prompt"]) == (0, 128, 2, "box")
+        assert row["family"] == "sam" and row["images"] == len(dataset)  # every image with instances, once a pass
+        assert row["images_per_s"] == pytest.approx(row["images"] * 1000 / row["pass_median_ms"])
+        assert row["speedup"] == pytest.approx(row["images_per_s"] / rows[0]["images_per_s"])
+        assert math.isfinite(row["open_ms"])
+    (sam2,) = load("data_loading").main(["--quick", "--family", "sam2", "--workers", "0"])[1:2]
+    assert sam2["path"] == "device" and sam2["family"] == "sam2" and sam2["images"] == len(dataset)
 
 
 def test_cached_epochs_quick(load, tmp_path):
@@ -354,15 +358,18 @@ def test_cached_epochs_quick(load, tmp_path):
     rows = module.main(["--quick", "--threads", "1", "--json", str(out)])
     meta = check_report(out, rows, "cached_epochs")
     assert meta["images"] == 2 and meta["method"] == "decoder"
-    recomputed, cached = rows
-    assert (recomputed["embeddings"], cached["embeddings"]) == ("recomputed", "cached")
-    for row in rows:
+    recomputed, on_device, on_cpu, decoder = rows
+    assert [row["embeddings"] for row in rows] == ["recomputed", "cached, device", "cached, cpu", "decoder"]
+    for row in rows[:-1]:
         assert row["epochs"] == len(row["epoch_ms"]) == 2
         assert row["first_epoch_ms"] == row["epoch_ms"][0] and row["later_epoch_median_ms"] == row["epoch_ms"][1]
         assert row["epoch_median_ms"] == pytest.approx(sum(row["epoch_ms"]) / 2)  # median of two
-    assert cached["speedup_after_first"] == pytest.approx(
-        recomputed["epoch_median_ms"] / cached["later_epoch_median_ms"]
-    )
+    assert decoder["epochs"] == len(decoder["epoch_ms"]) == 1 and decoder["epoch_ms"][0] > 0  # the later epoch
+    for cached in (on_device, on_cpu):
+        assert cached["speedup_after_first"] == pytest.approx(
+            recomputed["epoch_median_ms"] / cached["later_epoch_median_ms"]
+        )
+        assert cached["vs_decoder"] == pytest.approx(cached["later_epoch_median_ms"] / decoder["epoch_median_ms"])
     with pytest.raises(SystemExit):
         module.main(["--quick", "--epochs", "1"])  # the first epoch fills the cache: nothing to compare
 

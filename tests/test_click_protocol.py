@@ -12,7 +12,7 @@ import torch
 from samtune.click_protocol import clicks_to_reach, follow_clicks, summarize
 from samtune.clicks import next_click
 from samtune.config import DataConfig
-from samtune.data.batch import collate, encode_sample
+from samtune.data.batch import collate, encode_sample, to_device
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, make_loader
 from samtune.data.prompts import make_prompts
@@ -45,7 +45,7 @@ def _load(folder):
 
 def _batches(split, processor, prompt="box", batch_size=2):
     dataset = SamPromptDataset(CocoInstanceDataset(*split), processor, DataConfig(prompt=prompt), train=False)
-    return list(make_loader(dataset, batch_size, shuffle=False))
+    return [to_device(batch, "cpu") for batch in make_loader(dataset, batch_size, shuffle=False)]
 
 
 def _records(curves):

@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForMaskGeneration
 
 from samtune.config import DataConfig, ModelConfig, PeftConfig, load_config
-from samtune.data.batch import collate
+from samtune.data.batch import collate, to_device
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset
 from samtune.evaluation import sam_forward
@@ -48,7 +48,7 @@ def _batch(folder: Path, split: tuple[Path, Path], prompt: str = "box") -> tuple
     model, processor = load_sam(ModelConfig(str(folder)))
     source = CocoInstanceDataset(*split)
     dataset = SamPromptDataset(source, processor, DataConfig(prompt=prompt, max_instances=3), train=True)
-    return model, processor, collate([dataset[0], dataset[1]])
+    return model, processor, to_device(collate([dataset[0], dataset[1]]), "cpu")
 
 
 def _changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:

@@ -13,7 +13,7 @@ from scipy.ndimage import distance_transform_edt
 
 from samtune.clicks import depth, next_click, sample_clicks
 from samtune.config import DataConfig, ModelConfig
-from samtune.data.batch import collate
+from samtune.data.batch import collate, to_device
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset
 from samtune.data.prompts import PAD_LABEL
@@ -113,7 +113,7 @@ def _batch(folder, split, prompt="box"):
     model, processor = load_sam(ModelConfig(str(folder)))
     source = CocoInstanceDataset(*split)
     dataset = SamPromptDataset(source, processor, DataConfig(prompt=prompt, max_instances=3), train=False)
-    return model.eval(), collate([dataset[0], dataset[1], dataset[2]])
+    return model.eval(), to_device(collate([dataset[0], dataset[1], dataset[2]]), "cpu")
 
 
 @pytest.mark.parametrize("family", ["sam", "sam2"])

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from transformers import SamModel
 
 from samtune.config import load_config
+from samtune.data.batch import NormalizedBatches
 from samtune.data.coco import CocoInstanceDataset
 from samtune.testing.synthetic import SyntheticSpec, make_synthetic_coco
 from samtune.train import main, train
@@ -391,7 +392,8 @@ def test_two_process_ddp_matches_a_single_process_evaluation(tmp_path, splits, t
     model, processor = load_trained(tiny_sam_dir, out / "final")
     source = CocoInstanceDataset(*splits["val"])
     loader = make_loader(SamPromptDataset(source, processor, DataConfig(prompt="box"), train=False), batch_size=3)
-    single = aggregate(score_loader(loader, lambda batch: sam_forward(model, batch), processor), source.categories)
+    records = score_loader(NormalizedBatches(loader), lambda batch: sam_forward(model, batch), processor)
+    single = aggregate(records, source.categories)
     assert single["num_instances"] == summary["final"]["num_instances"]
     assert single["mIoU"] == pytest.approx(summary["final"]["mIoU"], abs=1e-6)
     assert single["mF1"] == pytest.approx(summary["final"]["mF1"], abs=1e-6)

@@ -7,11 +7,13 @@ Padded instances are never scored and never reach the loss.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import TypedDict
 
 import numpy as np
 import torch
 
+from samtune.data.geometry import InputGeometry, normalize_on_device
 from samtune.data.prompts import PAD_LABEL
 
 # Prompt keys, named as the model's forward takes them.
@@ -25,7 +27,8 @@ class _SamBatchAlways(TypedDict):
     """
 
     image_id: torch.Tensor  # (B,) int64: COCO image ids (unique within a split)
-    pixel_values: torch.Tensor  # (B, 3, S, S) float: resized, normalised, padded images
+    pixel_values: torch.Tensor  # (B, 3, S, S) float: resized, normalised, padded images (uint8, not yet normalised,
+    # between the loader and normalize_on_device: samtune.data.geometry)
     original_sizes: torch.Tensor  # (B, 2) int64: (H, W) of each image as annotated (upright)
     reshaped_input_sizes: torch.Tensor  # (B, 2) int64: (h', w') of the resized image inside the padded S x S
     # (S, S) for the families that resize to a fixed square (SAM 2 / 3)
@@ -44,6 +47,10 @@ class SamBatch(_SamBatchAlways, total=False):
     input_labels: torch.Tensor  # (B, K, P) int64: 1 positive, 0 negative, PAD_LABEL padding
     original_masks: list[torch.Tensor]  # B x (K_b, H_b, W_b) bool: evaluation targets at the original size
     original_ignore: list[torch.Tensor]  # B x (H_b, W_b) bool: crowd pixels at the original size (evaluation)
+    # The uint8 path, until normalize_on_device consumes the first two:
+    pixel_mean: torch.Tensor  # (B, 3) float: per-channel mean in 0-255 units
+    pixel_std: torch.Tensor  # (B, 3) float: per-channel std in 0-255 units
+    has_pixels: torch.Tensor  # (B,) bool: False where the image was not read (its embedding is cached)
 
 
 # Per-instance fields padded along the instance axis, and the value padding takes.
@@ -94,6 +101,43 @@ def encode_sample(processor, image: np.ndarray, masks: np.ndarray, ignore: np.nd
     return encoded
 
 
+def encode_uint8(
+    geometry: InputGeometry,
+    image: np.ndarray | None,
+    size: tuple[int, int],
+    masks: np.ndarray,
+    ignore: np.ndarray,
+    prompts: dict,
+) -> dict:
+    """``encode_sample``'s sample with the image resized in uint8 and left for the device to normalise; ``image``
+    None (its embedding is cached): no pixels, targets and prompts from the annotations and ``size`` (H, W)."""
+    height, width = size
+    if image is None:
+        pixel_values = torch.zeros((), dtype=torch.uint8).expand(3, geometry.side, geometry.side)
+        resized = torch.tensor(geometry.resized(height, width))
+    else:
+        pixel_values, resized = geometry.image(image)
+    maps = geometry.targets(np.concatenate([masks, ignore[None]]))
+    mean, std = geometry.statistics()
+    encoded = {
+        "pixel_values": pixel_values,
+        "original_sizes": torch.tensor([height, width]),
+        "reshaped_input_sizes": resized.long(),
+        "low_res_masks": maps[:-1],
+        "low_res_ignore": maps[-1],
+        "pixel_mean": mean,
+        "pixel_std": std,
+        "has_pixels": torch.tensor(image is not None),
+    }
+    if "boxes" in prompts:
+        boxes = geometry.coordinates(prompts["boxes"].reshape(-1, 2, 2), height, width)
+        encoded["input_boxes"] = boxes.reshape(-1, 4)
+    if "points" in prompts:
+        encoded["input_points"] = geometry.coordinates(prompts["points"], height, width)
+        encoded["input_labels"] = torch.from_numpy(prompts["point_labels"]).long()
+    return encoded
+
+
 def _pad(tensors: list[torch.Tensor], length: int, value: float | int | bool) -> torch.Tensor:
     first = tensors[0]
     out = torch.full((len(tensors), length, *first.shape[1:]), value, dtype=first.dtype)
@@ -113,6 +157,8 @@ def collate(samples: list[dict]) -> SamBatch:
             batch[key] = _pad(values, longest, INSTANCE_FIELDS[key])
         elif key in LIST_FIELDS:
             batch[key] = values
+        elif key == "pixel_values" and "has_pixels" in samples[0] and not any(s["has_pixels"] for s in samples):
+            batch[key] = values[0].expand(len(values), *values[0].shape)  # no pixels read: nothing to stack
         else:
             batch[key] = torch.stack(values)
     return batch  # type: ignore[return-value]
@@ -129,6 +175,20 @@ def uses_multimask(batch: SamBatch) -> bool:
 
 
 def to_device(batch: SamBatch, device: torch.device | str) -> SamBatch:
-    """The batch's tensors on ``device``; the full-size evaluation masks stay where they are (they are scored on
-    the CPU)."""
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}  # type: ignore[return-value]
+    """The batch's tensors on ``device``, its images normalised there (``normalize_on_device``); the full-size
+    evaluation masks stay where they are (they are scored on the CPU)."""
+    moved = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    return normalize_on_device(moved)  # type: ignore[return-value]
+
+
+class NormalizedBatches:
+    """A loader whose batches (already on the device, as accelerate's loaders deliver them) come out normalised."""
+
+    def __init__(self, loader: Iterable[SamBatch]) -> None:
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[SamBatch]:
+        return (normalize_on_device(batch) for batch in self.loader)  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]

@@ -276,7 +276,26 @@ class CocoInstanceDataset(Dataset):
         return masks
 
     def __getitem__(self, index: int) -> dict:
+        return self.sample(index)
+
+    def sample(self, index: int, pixels: bool = True) -> dict:
+        """Image ``index``: its pixels (``image``; None with ``pixels=False``, when only its annotations are
+        needed), ``size`` (H, W) upright, instance masks, ids and crowd ignore map at that size."""
         image = self.images[index]
+        if pixels:
+            rgb = self._read(image)
+        crowd = self._decode(image, image.crowd)
+        return {
+            "image_id": image.image_id,
+            "image": rgb if pixels else None,
+            "size": image.size,
+            "masks": self._decode(image, [inst.rle for inst in image.instances]),
+            "category_ids": np.array([inst.category_id for inst in image.instances], dtype=np.int64),
+            "annotation_ids": np.array([inst.annotation_id for inst in image.instances], dtype=np.int64),
+            "ignore": crowd.any(axis=0) if len(crowd) else np.zeros(image.size, dtype=bool),
+        }
+
+    def _read(self, image: CocoImage) -> np.ndarray:
         try:
             pixels = read_rgb(image.path)
         except ImageReadError as error:
@@ -288,12 +307,4 @@ class CocoInstanceDataset(Dataset):
                 f"{pixels.shape[1]}x{pixels.shape[0]} differs from the {image.size[1]}x{image.size[0]} "
                 "seen when the data set was opened (was the file changed?)"
             )
-        crowd = self._decode(image, image.crowd)
-        return {
-            "image_id": image.image_id,
-            "image": pixels,
-            "masks": self._decode(image, [inst.rle for inst in image.instances]),
-            "category_ids": np.array([inst.category_id for inst in image.instances], dtype=np.int64),
-            "annotation_ids": np.array([inst.annotation_id for inst in image.instances], dtype=np.int64),
-            "ignore": crowd.any(axis=0) if len(crowd) else np.zeros(image.size, dtype=bool),
-        }
+        return pixels

@@ -14,8 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from samtune.config import DataConfig
-from samtune.data.batch import collate, encode_sample
+from samtune.data.batch import collate, encode_sample, encode_uint8
 from samtune.data.coco import CocoInstanceDataset
+from samtune.data.geometry import InputGeometry, UnsupportedGeometry
 from samtune.data.prompts import make_prompts
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,9 @@ class SamPromptDataset(Dataset):
     prompts each epoch, reproducible from (seed, epoch, index) whatever the worker count.
     Evaluation: every instance, in chunks of ``data.max_instances``, with fixed prompts, and the
     original-resolution masks kept for scoring.
+
+    Images travel as uint8 for the device to normalise (``data.normalize_on: device``, ``samtune.data.geometry``)
+    or normalised by the processor (``cpu``); images named by ``skip_pixels`` are not read at all.
     """
 
     def __init__(
@@ -47,6 +51,8 @@ class SamPromptDataset(Dataset):
         self.source, self.processor, self.data = source, processor, data
         self.max_instances, self.train, self.seed = data.max_instances, train, seed
         self.epoch = 0
+        self.geometry = uint8_geometry(processor) if data.normalize_on == "device" else None
+        self.cached: frozenset[int] = frozenset()  # image ids whose pixels are not needed (embedding cached)
         counts = [len(image.instances) for image in source.images]
         if data.prompt == "none":
             self.items = [(i, 0) for i in range(len(counts))]
@@ -67,6 +73,12 @@ class SamPromptDataset(Dataset):
         """Choose which instances and prompts the next pass draws."""
         self.epoch = epoch
 
+    def skip_pixels(self, image_ids: set[int] | frozenset[int]) -> None:
+        """From the next pass on, do not read these images (their embeddings are cached): targets and prompts come
+        from the annotations alone. Only on the uint8 path; workers start with each pass and see the change."""
+        if self.geometry is not None:
+            self.cached = frozenset(image_ids)
+
     def __len__(self) -> int:
         return len(self.items)
 
@@ -74,7 +86,7 @@ class SamPromptDataset(Dataset):
         """(masks, category ids, annotation ids) of the instances this sample holds."""
         masks, categories, annotations = sample["masks"], sample["category_ids"], sample["annotation_ids"]
         if self.data.prompt == "none":  # one target per image: the union of its instances (foreground)
-            union = masks.any(axis=0, keepdims=True) if len(masks) else np.zeros((1, *sample["image"].shape[:2]), bool)
+            union = masks.any(axis=0, keepdims=True) if len(masks) else np.zeros((1, *sample["size"]), bool)
             return union, np.full(1, -1, dtype=np.int64), np.full(1, -1, dtype=np.int64)
         if rng is None:
             keep = slice(start, start + self.max_instances)
@@ -86,11 +98,14 @@ class SamPromptDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         index, start = self.items[item]
-        sample = self.source[index]
+        sample = self.source.sample(index, pixels=self.source.images[index].image_id not in self.cached)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         masks, categories, annotations = self._instances(sample, start, rng)
         prompts = make_prompts(masks, self.data, rng)
-        encoded = encode_sample(self.processor, sample["image"], masks, sample["ignore"], prompts)
+        if self.geometry is None:
+            encoded = encode_sample(self.processor, sample["image"], masks, sample["ignore"], prompts)
+        else:
+            encoded = encode_uint8(self.geometry, sample["image"], sample["size"], masks, sample["ignore"], prompts)
         encoded.update(
             image_id=torch.tensor(sample["image_id"]),
             category_ids=torch.from_numpy(categories),
@@ -100,6 +115,21 @@ class SamPromptDataset(Dataset):
             encoded["original_masks"] = torch.from_numpy(masks)
             encoded["original_ignore"] = torch.from_numpy(sample["ignore"])
         return encoded
+
+
+def uint8_geometry(processor) -> InputGeometry | None:
+    """The processor's geometry for the uint8 path, or None (with the reason logged once) when its settings are
+    ones the path does not reproduce: the processor then normalises on the CPU as before."""
+    try:
+        return InputGeometry.of(processor)
+    except UnsupportedGeometry as why:
+        if why.args[0] not in _told:
+            _told.add(why.args[0])
+            logger.info("images normalised on the CPU by the processor: its settings (%s) have no uint8 path", why)
+        return None
+
+
+_told: set[str] = set()
 
 
 def make_loader(

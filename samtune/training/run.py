@@ -29,8 +29,9 @@ from samtune.checkpointing import (
 )
 from samtune.click_protocol import follow_clicks, summarize
 from samtune.config import MIXED_KINDS, Config, flat_values
-from samtune.data.batch import SamBatch
+from samtune.data.batch import NormalizedBatches, SamBatch
 from samtune.data.dataset import Split
+from samtune.data.geometry import normalize_on_device
 from samtune.data.prompts import keep_prompt_kind
 from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_loader
 from samtune.interactive import Rounds, training_rounds
@@ -185,13 +186,15 @@ class TrainingRun:
         while state.step < self.total_steps:
             self.train_loader.set_epoch(state.epoch)  # the sampler's order
             self.data.train_set.set_epoch(state.epoch)  # instance subsets and prompts (accelerate sets the sampler's)
+            if self.cache is not None:  # images whose embedding is cached are not read (only their annotations)
+                self.data.train_set.skip_pixels(self.cache.cached_ids(Split.TRAIN))
             loader = self.train_loader
             if state.batches_in_epoch:
                 loader = self.accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
             self.epoch_started = time.perf_counter()
             for batch in loader:
                 state.batches_in_epoch += 1
-                yield batch
+                yield normalize_on_device(batch)
             state.epoch_seconds.append(time.perf_counter() - self.epoch_started)
             cache = self.cache
             logger.info(
@@ -217,7 +220,7 @@ class TrainingRun:
                 return image_features(encoder, batch["pixel_values"])
             return self.cache.embeddings(
                 split, batch["image_id"], batch["pixel_values"],
-                partial(image_features, encoder, project=self.cache.project),
+                partial(image_features, encoder, project=self.cache.project), batch.get("has_pixels"),
             )  # fmt: skip
 
     def step_draws(self) -> list[int]:
@@ -359,7 +362,7 @@ class TrainingRun:
 
         self.model.eval()
         records = score_loader(
-            self.eval_loaders[split],
+            NormalizedBatches(self.eval_loaders[split]),
             forward,
             self.processor,
             on_batch=draw if drawing else None,
