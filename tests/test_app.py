@@ -282,6 +282,16 @@ def test_demo_defaults(tmp_path, monkeypatch, demo_data, demo_adapter):
     assert len(session.sources) == 4 and session.truth is not None
 
 
+def test_a_large_encoder_on_the_cpu_is_announced(demo_data, monkeypatch):
+    annotations, images = demo_data
+    session = build_session(_args(model=str(BASE_DIR), annotations=annotations, images=images))
+    assert session.notes == []  # the demo base: 0.5M parameters, fast
+    monkeypatch.setattr(session_module, "SLOW_ON_CPU", 1000)
+    session = build_session(_args(model=str(BASE_DIR), annotations=annotations, images=images))
+    assert len(session.notes) == 1 and "each new image takes seconds" in session.notes[0]
+    assert session.state()["notes"] == session.notes
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

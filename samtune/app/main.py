@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import yaml
@@ -24,6 +25,10 @@ from samtune import inference
 from samtune.errors import UserError, run_command
 from samtune.models.loading import is_adapter_folder, load_trained
 from samtune.predict import list_images
+
+if TYPE_CHECKING:
+    from samtune.app.session import Session, Source
+    from samtune.data.coco import CocoInstanceDataset
 
 DEMO_RUN = Path("runs/demo")  # where `samtune train` with no arguments writes (samtune/demo/run.yaml)
 
@@ -89,7 +94,7 @@ def _short(path: str) -> str:
         return path
 
 
-def _sources(args: argparse.Namespace):
+def _sources(args: argparse.Namespace) -> tuple[list[Source], CocoInstanceDataset | None]:
     from samtune.app.session import Source
 
     if args.annotations is not None:
@@ -112,7 +117,7 @@ def _sources(args: argparse.Namespace):
     return [Source(name, path) for name, path in files], None
 
 
-def build_session(args: argparse.Namespace):
+def build_session(args: argparse.Namespace) -> Session:
     """The models and images the arguments name, as a Session (what the server serves; tests call it too)."""
     from samtune.app.session import Panel, Session
 

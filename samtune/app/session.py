@@ -15,6 +15,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +24,12 @@ from PIL import Image, UnidentifiedImageError
 from samtune.data.images import ImageReadError, read_rgb, to_rgb
 from samtune.errors import UserError
 from samtune.evaluation import instance_iou_f1
-from samtune.models.family import base_of, family_of
+from samtune.models.family import base_of
 from samtune.predict import Encoded, Found, Instance, coco_result, decode_prompts, encode_image
 from samtune.visualize import PALETTE, draw_points, paint
+
+if TYPE_CHECKING:
+    from samtune.data.coco import CocoInstanceDataset
 
 # An image encoder above this many parameters takes seconds per image on a CPU (the demo base has 0.5M, SlimSAM
 # about 6M, SAM ViT-B 89M: 9 s on 2 cores): the page says so.
@@ -114,7 +118,7 @@ class Session:
         self,
         panels: list[Panel],
         sources: list[Source],
-        dataset=None,
+        dataset: CocoInstanceDataset | None = None,
         device: str = "cpu",
         autocast: contextlib.AbstractContextManager | None = None,
         hq_token_only: bool = False,
@@ -342,7 +346,3 @@ def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def family_label(panel: Panel) -> str:
-    return family_of(panel.model).label
