@@ -374,6 +374,21 @@ def test_cached_epochs_quick(load, tmp_path):
         module.main(["--quick", "--epochs", "1"])  # the first epoch fills the cache: nothing to compare
 
 
+def test_decoder_prompts_quick(load, tmp_path):
+    out = tmp_path / "p.json"
+    rows = load("decoder_prompts").main(["--quick", "--threads", "1", "--json", str(out)])
+    meta = check_report(out, rows, "decoder_prompts")
+    assert meta["method"] == "decoder" and [row["prompts"] for row in rows] == [1, 2]
+    for row in rows:
+        assert row["per_prompt_ms"] == pytest.approx(row["step_median_ms"] / row["prompts"])
+        phases = [row[f"{name}_ms"] for name in ("prompt_encoder", "transformer", "upscaling", "heads")]
+        assert all(value >= 0 for value in phases)
+        assert row["backward_ms"] == pytest.approx(row["step_median_ms"] - sum(phases))
+        shares = [op["share"] for op in row["top_ops"]]
+        assert len(shares) == 6 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+        assert any(op["op"].startswith("aten::") for op in row["top_ops"])
+
+
 def test_attention_tiles_quick(load, tmp_path):
     out = tmp_path / "a.json"
     rows = load("attention_tiles").main(["--quick", "--threads", "1", "--json", str(out)])
