@@ -297,3 +297,47 @@ def test_folders_cross_load_between_the_official_and_the_torch_processor(tmp_pat
         x = a(images=image, segmentation_maps=maps, input_boxes=[[[1, 2, 3, 4]]], return_tensors="pt")
         y = b(images=image, segmentation_maps=maps, input_boxes=[[[1, 2, 3, 4]]], return_tensors="pt")
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+@pytest.mark.parametrize("model_type", [*FAMILY, "sam"])
+def test_the_uint8_path_reproduces_the_official_processors(model_type):
+    """samtune.data.geometry (uint8 resize on the CPU, normalisation on the device) against transformers'
+    torchvision processors: SAM 2 / 3's, and SAM's own torchvision class (which a machine with torchvision loads
+    instead of the PIL one the suite uses). Pixels within float rounding; targets, sizes, prompts exactly."""
+    from samtune.data.geometry import InputGeometry, normalize_on_device
+
+    if model_type == "sam":
+        try:
+            from transformers.models.sam.image_processing_sam import SamImageProcessor as Official
+        except Exception as error:
+            if os.environ.get("SAMTUNE_REQUIRE_OFFICIAL_PROCESSOR"):
+                raise
+            pytest.skip(f"the torchvision SAM image processor needs a working torchvision: {error}")
+        from transformers import SamProcessor
+
+        settings = {"size": {"longest_edge": 64}, "pad_size": {"height": 64, "width": 64},
+                    "mask_size": {"longest_edge": 16}, "mask_pad_size": {"height": 16, "width": 16}}  # fmt: skip
+        processor = SamProcessor(image_processor=Official(**settings))
+    else:
+        Official = _official_or_skip(model_type)
+        settings = {"size": {"height": 64, "width": 64}, "mask_size": {"height": 16, "width": 16}}
+        processor = FAMILY[model_type][4](image_processor=Official(**settings))
+    geometry = InputGeometry.of(processor)
+    assert geometry.pil is False  # the torch kernels torchvision runs
+    for height, width in [(37, 53), (90, 41), (129, 517)]:
+        image = noise(height, width)
+        maps = np.stack([noise(height, width, seed=seed, channels=None) % 2 for seed in (2, 3)])
+        boxes = np.array([[1.5, 2.0, 30.25, 20.0]], dtype=np.float32)
+        expected = processor(images=image, segmentation_maps=list(maps.astype(np.uint8)), input_boxes=[boxes.tolist()],
+                             return_tensors="pt")  # fmt: skip
+        pixels, resized = geometry.image(image)
+        mean, std = geometry.statistics()
+        batch = {"pixel_values": pixels[None], "pixel_mean": mean[None], "pixel_std": std[None],
+                 "reshaped_input_sizes": resized[None]}  # fmt: skip
+        normalised = normalize_on_device(batch)["pixel_values"]
+        assert (normalised - expected["pixel_values"]).abs().max() <= 2e-6
+        assert torch.equal(geometry.targets(maps.astype(bool)), expected["labels"][0].bool())
+        scaled = geometry.coordinates(boxes.reshape(-1, 2, 2), height, width).reshape(-1, 4)
+        assert torch.equal(scaled, expected["input_boxes"][0].float())
+        if "reshaped_input_sizes" in expected:
+            assert torch.equal(resized, expected["reshaped_input_sizes"][0].long())
