@@ -153,7 +153,7 @@ class Session:
         source = self.sources[index]
         truth = None
         if source.coco_index is not None:
-            sample = self.dataset.sample(source.coco_index)
+            sample = self.dataset[source.coco_index]
             image = sample["image"]
             truth = Truth(sample["masks"], [int(a) for a in sample["annotation_ids"]], sample["ignore"])
         elif source.pixels is not None:
