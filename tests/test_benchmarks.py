@@ -23,6 +23,7 @@ SCRIPTS = (
     "cached_epochs",
     "click_curves",
     "data_loading",
+    "decoder_prompts",
     "latency",
     "method_table",
     "param_counts",
