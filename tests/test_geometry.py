@@ -151,8 +151,9 @@ def test_skipped_images_are_not_read(photos, monkeypatch):
     ids = [int(sample["image_id"]) for sample in read]
     dataset.skip_pixels(set(ids[:2]))
     opened = []
-    real = coco.read_rgb
-    monkeypatch.setattr(coco, "read_rgb", lambda path: opened.append(path) or real(path))
+    for name in ("read_rgb", "read_rgb_image"):  # numpy or PIL: any decoding counts
+        real = getattr(coco, name)
+        monkeypatch.setattr(coco, name, lambda path, real=real: opened.append(path) or real(path))
     skipped = [dataset[i] for i in range(len(dataset))]
     assert len(opened) == len(ids) - 2  # the two cached images were never opened
     for before, after in zip(read, skipped):
@@ -210,8 +211,9 @@ def test_training_is_the_same_on_both_data_paths(tmp_path, tiny_sam_dir, train_t
 def test_a_cached_epoch_reads_no_training_image(tmp_path, train_tiny, splits, monkeypatch):
     """Frozen encoder: the first epoch reads and caches every training image, later epochs read none of them."""
     opened: list = []
-    real = coco.read_rgb
-    monkeypatch.setattr(coco, "read_rgb", lambda path: opened.append(Path(path)) or real(path))
+    for name in ("read_rgb", "read_rgb_image"):  # numpy or PIL: any decoding counts
+        real = getattr(coco, name)
+        monkeypatch.setattr(coco, name, lambda path, real=real: opened.append(Path(path)) or real(path))
     train_tiny(tmp_path / "run", splits["train"], splits["val"], **{
         "peft.method": "decoder", "train.max_steps": 0, "train.epochs": 3, "train.batch_size": 2,
     })  # fmt: skip

@@ -8,7 +8,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from samtune.data.coco import CocoInstanceDataset
-from samtune.data.images import read_rgb, to_rgb
+from samtune.data.images import read_rgb, read_rgb_image, to_rgb
 
 
 def test_every_mode_gives_the_reference_rgb(coco):
@@ -22,6 +22,17 @@ def test_every_mode_gives_the_reference_rgb(coco):
         np.testing.assert_array_equal(sample["image"], reference)
         seen.add(dataset.images[index].file_name.split("/")[0])
     assert seen == {"rgb", "gray", "alpha", "palette", "deep", "photos"}
+
+
+def test_the_pil_reading_gives_the_same_pixels(coco):
+    """read_rgb_image (the uint8 data path resizes it without a copy through numpy) = read_rgb, every mode."""
+    dataset = CocoInstanceDataset(*coco)
+    for index, image in enumerate(dataset.images):
+        pil = read_rgb_image(image.path)
+        assert pil.mode == "RGB" and (pil.height, pil.width) == image.size
+        expected = read_rgb(image.path)
+        np.testing.assert_array_equal(np.asarray(pil), expected)
+        np.testing.assert_array_equal(np.asarray(dataset.sample(index, as_image=True)["image"]), expected)
 
 
 def test_masks_are_aligned_with_the_pixels(coco):

@@ -12,6 +12,7 @@ from typing import TypedDict
 
 import numpy as np
 import torch
+from PIL import Image
 
 from samtune.data.geometry import InputGeometry, normalize_on_device
 from samtune.data.prompts import PAD_LABEL
@@ -103,7 +104,7 @@ def encode_sample(processor, image: np.ndarray, masks: np.ndarray, ignore: np.nd
 
 def encode_uint8(
     geometry: InputGeometry,
-    image: np.ndarray | None,
+    image: np.ndarray | Image.Image | None,
     size: tuple[int, int],
     masks: np.ndarray,
     ignore: np.ndarray,

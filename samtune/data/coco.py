@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
+from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
-from samtune.data.images import ImageReadError, displayed_size, orient_mask, probe, read_rgb
+from samtune.data.images import ImageReadError, displayed_size, orient_mask, probe, read_rgb, read_rgb_image
 from samtune.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -278,12 +279,13 @@ class CocoInstanceDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         return self.sample(index)
 
-    def sample(self, index: int, pixels: bool = True) -> dict:
-        """Image ``index``: its pixels (``image``; None with ``pixels=False``, when only its annotations are
-        needed), ``size`` (H, W) upright, instance masks, ids and crowd ignore map at that size."""
+    def sample(self, index: int, pixels: bool = True, as_image: bool = False) -> dict:
+        """Image ``index``: its pixels (``image``: (H, W, 3) uint8, a PIL RGB image with ``as_image``, None with
+        ``pixels=False`` when only its annotations are needed), ``size`` (H, W) upright, instance masks, ids and
+        crowd ignore map at that size."""
         image = self.images[index]
         if pixels:
-            rgb = self._read(image)
+            rgb = self._read(image, as_image)
         crowd = self._decode(image, image.crowd)
         return {
             "image_id": image.image_id,
@@ -295,16 +297,17 @@ class CocoInstanceDataset(Dataset):
             "ignore": crowd.any(axis=0) if len(crowd) else np.zeros(image.size, dtype=bool),
         }
 
-    def _read(self, image: CocoImage) -> np.ndarray:
+    def _read(self, image: CocoImage, as_image: bool = False) -> np.ndarray | Image.Image:
         try:
-            pixels = read_rgb(image.path)
+            pixels = read_rgb_image(image.path) if as_image else read_rgb(image.path)
         except ImageReadError as error:
             where = f"{self.index.annotation_file}: image id {image.image_id} ({image.path})"
             raise CocoFormatError(f"{where}: {error}") from error
-        if pixels.shape[:2] != image.size:
+        height, width = (pixels.height, pixels.width) if as_image else pixels.shape[:2]
+        if (height, width) != image.size:
             raise CocoFormatError(
                 f"{self.index.annotation_file}: image id {image.image_id} ({image.path}): decoded size "
-                f"{pixels.shape[1]}x{pixels.shape[0]} differs from the {image.size[1]}x{image.size[0]} "
+                f"{width}x{height} differs from the {image.size[1]}x{image.size[0]} "
                 "seen when the data set was opened (was the file changed?)"
             )
         return pixels

@@ -98,7 +98,8 @@ class SamPromptDataset(Dataset):
 
     def __getitem__(self, item: int) -> dict:
         index, start = self.items[item]
-        sample = self.source.sample(index, pixels=self.source.images[index].image_id not in self.cached)
+        read = self.source.images[index].image_id not in self.cached
+        sample = self.source.sample(index, pixels=read, as_image=self.geometry is not None and self.geometry.pil)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         masks, categories, annotations = self._instances(sample, start, rng)
         prompts = make_prompts(masks, self.data, rng)

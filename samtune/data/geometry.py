@@ -91,10 +91,18 @@ class InputGeometry:
         size = SizeDict(height=shape[0], width=shape[1])
         return torch_resize(torch.from_numpy(np.ascontiguousarray(array)), size, resample)
 
-    def image(self, rgb: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(3, S, S) uint8 input (zero padding right and bottom) and its (h', w'), from an (H, W, 3) uint8 image."""
-        shape = self.resized(*rgb.shape[:2])
-        resized = self._resize(np.moveaxis(rgb, -1, 0), shape, self.resample)
+    def image(self, rgb: np.ndarray | Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(3, S, S) uint8 input (zero padding right and bottom) and its (h', w'), from an (H, W, 3) uint8 image
+        or a PIL RGB image (resized as it is by the PIL processor's kernel: no copy through numpy)."""
+        if isinstance(rgb, Image.Image):
+            shape = self.resized(rgb.height, rgb.width)
+            if self.pil:
+                resized = torch.from_numpy(np.array(rgb.resize(shape[::-1], resample=self.resample))).permute(2, 0, 1)
+            else:
+                resized = self._resize(np.moveaxis(np.asarray(rgb), -1, 0), shape, self.resample)
+        else:
+            shape = self.resized(*rgb.shape[:2])
+            resized = self._resize(np.moveaxis(rgb, -1, 0), shape, self.resample)
         if self.square:
             return resized.contiguous(), torch.tensor(shape)
         out = torch.zeros(3, self.side, self.side, dtype=torch.uint8)

@@ -75,3 +75,16 @@ def orient_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
         return mask
     turned = Image.fromarray(mask.astype(np.uint8)).transpose(ORIENTATION_TRANSPOSE[orientation])
     return np.asarray(turned).astype(mask.dtype)
+
+
+def read_rgb_image(path: str | Path) -> Image.Image:
+    """``read_rgb`` as a PIL RGB image, for a consumer that resizes it with PIL (no round trip through numpy)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            if upright.mode == "RGB":
+                return upright
+            return Image.fromarray(to_rgb(upright))
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageReadError(f"cannot decode image: {error}") from error
