@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from samtune.data.dataset import Split
+from samtune.errors import UserError
 from samtune.models.family import base_of, decoder_projections, family_of
 
 Features = dict[str, torch.Tensor]
@@ -131,7 +132,7 @@ class EmbeddingCache:
         missing = [n for n, value in enumerate(found) if value is None]
         unread = [int(image_ids[n]) for n in missing if has_pixels is not None and not bool(has_pixels[n])]
         if unread:  # a cache folder emptied under a running job: the loader trusted it at the epoch's start
-            raise RuntimeError(
+            raise UserError(
                 f"{split.value} image id {unread[0]}: its cached embedding vanished from {self.folder} during the "
                 "epoch; restart the run with train.resume_from latest (it re-reads what is no longer cached)"
             )

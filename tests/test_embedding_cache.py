@@ -12,7 +12,9 @@ from PIL import Image
 from transformers import SamModel, SamProcessor
 
 from samtune.config import ModelConfig, PeftConfig
+from samtune.data.dataset import Split
 from samtune.embedding_cache import EmbeddingCache, why_not_cacheable
+from samtune.errors import UserError
 from samtune.models.architectures import processor_for, tiny_sam_config
 from samtune.models.family import image_features
 from samtune.models.loading import build_model
@@ -129,6 +131,32 @@ def _encode_all(cache, split, paths, model):
     side = model.config.vision_config.image_size
     pixels = torch.stack([torch.full((3, side, side), float(i)) for i in ids])  # stands in for processed images
     return cache.embeddings(split, ids, pixels, partial(image_features, model))
+
+
+def test_what_is_cached_is_known_and_a_vanished_entry_of_an_unread_image_is_one_error(tmp_path, tiny_sam_dir):
+    """cached_ids tells the loader which images it need not read; if a cache file disappears under the run
+    after that, the batch cannot be encoded (its pixels were not read): one line saying how to go on."""
+    paths = {}
+    for n in range(3):
+        paths[n] = tmp_path / f"{n}.png"
+        Image.fromarray(np.full((20, 30, 3), 40 * n, np.uint8)).save(paths[n])
+    model = SamModel.from_pretrained(tiny_sam_dir)
+    for folder in (None, tmp_path / "cache"):
+        cache = EmbeddingCache(model, SamProcessor.from_pretrained(tiny_sam_dir), folder)
+        cache.register(Split.TRAIN, paths)
+        assert cache.cached_ids(Split.TRAIN) == set()
+        _encode_all(cache, Split.TRAIN, {n: paths[n] for n in (0, 2)}, model)
+        assert cache.cached_ids(Split.TRAIN) == {0, 2} and cache.cached_ids(Split.VAL) == set()
+    (victim,) = [f for f in cache.folder.glob("*.safetensors") if f.stem == cache._key(Split.TRAIN, 2)]
+    victim.unlink()
+    assert cache.cached_ids(Split.TRAIN) == {0}
+    side = model.config.vision_config.image_size
+    pixels = torch.zeros(2, 3, side, side)
+    ids, encode = torch.tensor([0, 2]), partial(image_features, model)
+    with pytest.raises(UserError, match="image id 2: its cached embedding vanished .* train.resume_from latest"):
+        cache.embeddings(Split.TRAIN, ids, pixels, encode, torch.tensor([False, False]))
+    found = cache.embeddings(Split.TRAIN, ids, pixels, encode, torch.tensor([False, True]))  # 2 was read
+    assert cache.cached_ids(Split.TRAIN) == {0, 2} and len(next(iter(found.values()))) == 2  # encoded again
 
 
 def test_every_dependency_change_is_a_miss(tmp_path, tiny_sam_dir):
