@@ -60,13 +60,7 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """Decode ``path`` to upright RGB uint8, applying its EXIF orientation."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            return to_rgb(upright)
-    except (OSError, SyntaxError, ValueError) as error:
-        raise ImageReadError(f"cannot decode image: {error}") from error
+    return np.asarray(read_rgb_image(path))
 
 
 def orient_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
@@ -78,7 +72,8 @@ def orient_mask(mask: np.ndarray, orientation: int) -> np.ndarray:
 
 
 def read_rgb_image(path: str | Path) -> Image.Image:
-    """``read_rgb`` as a PIL RGB image, for a consumer that resizes it with PIL (no round trip through numpy)."""
+    """``path`` decoded to an upright PIL RGB image (EXIF orientation applied, any mode converted as ``to_rgb``
+    does), for a consumer that resizes it with PIL (no round trip through numpy)."""
     try:
         with Image.open(path) as image:
             image.load()
