@@ -106,7 +106,7 @@ def export(
     elif fmt == "segment-anything":
         from samtune.export.original import save_original
 
-        files = (save_original(model, out),)
+        files = (save_original(model, out, base),)
     else:
         from samtune.export.onnx import export_onnx
 

@@ -78,7 +78,8 @@ class StopSignals:
 
 
 class LossWindow:
-    """Training loss and images since the last log point; losses stay on the device (no host sync per batch)."""
+    """Training loss, images and instances cut away by crops / augmentation since the last log point; they stay
+    on the device (no host sync per batch)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -86,18 +87,23 @@ class LossWindow:
 
     def reset(self) -> None:
         self.losses = torch.zeros(2, dtype=torch.float64, device=self.device)  # sum of finite losses, their count
+        self.dropped = torch.zeros(1, dtype=torch.float64, device=self.device)
         self.images = 0
         self.since = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int) -> None:
+    def add(self, loss: torch.Tensor, finite: torch.Tensor, images: int, dropped: torch.Tensor | None = None) -> None:
         self.losses += torch.stack([torch.where(finite, loss.double(), 0.0), finite.double()])
         self.images += images
+        if dropped is not None:
+            self.dropped += dropped.sum().double()
 
-    def read(self, accelerator) -> tuple[float, float]:
-        """(mean loss, images per second) over every process since the last reset."""
+    def read(self, accelerator) -> tuple[float, float, int]:
+        """(mean loss, images per second, instances dropped) over every process since the last reset."""
         images = torch.tensor([self.images], dtype=torch.float64, device=self.device)
-        loss, count, images = accelerator.reduce(torch.cat([self.losses, images]), "sum").tolist()
-        return loss / max(count, 1), images / (time.perf_counter() - self.since)
+        loss, count, dropped, images = accelerator.reduce(
+            torch.cat([self.losses, self.dropped, images]), "sum"
+        ).tolist()
+        return loss / max(count, 1), images / (time.perf_counter() - self.since), int(dropped)
 
 
 class TrainingRun:
@@ -144,6 +150,8 @@ class TrainingRun:
         self.stop_reason = ""
         self.step_nonfinite = torch.zeros((), dtype=torch.bool, device=accelerator.device)
         self.grad_norm: torch.Tensor | float | None = None
+        self.last_batch: SamBatch | None = None  # drawn at log points with train.log_train_images
+        self.dropped = 0  # instances crops and augmentation cut away, since this process started
         self.epoch_started = time.perf_counter()
         # the training bar, a context of train(): closed (its line ended) however the run ends, errors included
         self.progress = tqdm(total=self.total_steps, desc="train", disable=not accelerator.is_local_main_process)
@@ -254,7 +262,8 @@ class TrainingRun:
             loss = self.train_loss(batch)
             finite = torch.isfinite(loss.detach())
             self.step_nonfinite |= ~finite
-            self.window.add(loss.detach(), finite, batch["pixel_values"].shape[0])
+            self.window.add(loss.detach(), finite, batch["pixel_values"].shape[0], batch.get("dropped"))
+            self.last_batch = batch
             self.accelerator.backward(loss)
             if not self.accelerator.sync_gradients:
                 return False
@@ -323,14 +332,43 @@ class TrainingRun:
         return bool(self.stop_reason) or self.state.step >= self.total_steps
 
     def log_training(self) -> None:
-        loss, images_per_s = self.window.read(self.accelerator)
+        loss, images_per_s, dropped = self.window.read(self.accelerator)
         logged = {"train/loss": loss, "train/lr": self.scheduler.get_last_lr()[0], "train/images_per_s": images_per_s}
         if self.grad_norm is not None:
             logged["train/grad_norm"] = float(self.grad_norm)
+        if self.config.data.crop_size or self.data.train_set.augment.active:
+            logged["train/dropped_instances"] = dropped
+            self.dropped += dropped
         self.accelerator.log(logged, step=self.state.step)
+        if self.config.train.log_train_images and self.last_batch is not None:
+            self.log_train_panels(self.last_batch, self.config.train.log_train_images)
         self.progress.set_postfix(loss=f"{loss:.4f}")
         self.window.reset()
         self.state.last_train_loss = loss
+
+    def log_train_panels(self, batch: SamBatch, count: int) -> None:
+        """The first ``count`` samples of a training batch as the model saw them (augmented, cropped), with their
+        targets and the model's masks for their prompts, to TensorBoard as ``train/sample_N`` panels."""
+        with torch.no_grad():
+            logits, _ = predicted_masks(self.forward(batch, Split.TRAIN))
+        if not self.accelerator.is_main_process:
+            return
+        side = batch["pixel_values"].shape[-1]
+        for row in range(min(count, len(batch["image_id"]))):
+            height, width = (int(v) for v in batch["reshaped_input_sizes"][row])
+            targets = batch["low_res_masks"][row][batch["valid"][row]].float().cpu()
+            # the low-resolution targets in the input frame, cropped to the image (overlay_panel's "original size")
+            truth = torch.nn.functional.interpolate(targets[None], size=(side, side), mode="nearest")[0]
+            shown = {**batch, "original_masks": [truth[:, :height, :width].bool()] * (row + 1)}
+            points = None
+            if "input_points" in batch:
+                valid = batch["valid"][row].cpu()
+                xy = batch["input_points"][row][valid].reshape(-1, 2).cpu()
+                labels = batch["input_labels"][row][valid].reshape(-1, 1).cpu().float()
+                points = torch.cat([xy, labels], dim=1).numpy()
+                points = points[points[:, 2] >= 0]
+            panel = overlay_panel(shown, row, logits, self.processor, points)
+            self.tracker.writer.add_image(f"train/sample_{row}", panel, global_step=self.state.step, dataformats="HWC")
 
     # ---------------------------------------------------------------- evaluation
 
@@ -530,5 +568,6 @@ class TrainingRun:
             "nonfinite_steps": state.nonfinite_total,
             "epoch_seconds": state.epoch_seconds,
             "embedding_cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
+            "dropped_instances": self.dropped,
             **results,
         }
