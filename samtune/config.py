@@ -113,6 +113,34 @@ class DataConfig:
         "when they would take more than data.embedding_cache_memory_gb",
     )
     embedding_cache_memory_gb: float = knob(4.0, "largest embedding cache kept in memory, in GB")
+    augment: Literal["none", "light", "strong"] = knob(
+        "none",
+        "training augmentation (samtune.data.augment), applied alike to the image, its instance masks and crowd "
+        "ignore map before prompts are drawn: none; light (horizontal flip, scale 0.75-1.25, mild colour jitter); "
+        "strong (flip, scale 0.5-1.5, rotation up to 15 degrees, strong colour jitter, blur, noise, grayscale). "
+        "The data.augment_* keys override single settings of the preset; evaluation never augments",
+    )
+    augment_hflip: float = knob(-1.0, "chance of a horizontal flip; negative: the preset's")
+    augment_vflip: float = knob(-1.0, "chance of a vertical flip (aerial, microscopy); negative: the preset's (0)")
+    augment_rot90: float = knob(-1.0, "chance of a turn by 90, 180 or 270 degrees; negative: the preset's (0)")
+    augment_degrees: float = knob(-1.0, "largest rotation of the random affine, in degrees; negative: the preset's")
+    augment_scale: list[float] = knob([], "zoom range MIN,MAX of the random affine (scale jitter); empty: preset's")
+    augment_color: list[float] = knob(
+        [], "colour jitter BRIGHTNESS,CONTRAST,SATURATION,HUE (applied to 8 samples in 10); empty: the preset's"
+    )
+    augment_blur: float = knob(-1.0, "chance of a Gaussian blur (sigma 0.1-2 px); negative: the preset's")
+    augment_noise: float = knob(-1.0, "std of Gaussian noise (0-1 units) added to half the samples; negative: preset's")
+    augment_grayscale: float = knob(-1.0, "chance of turning the image gray; negative: the preset's")
+    crop_size: int = knob(
+        0,
+        "training on random crops: a random N x N window of each image larger than N (centred near a random "
+        "instance), instances and crowd cut to it, so high-resolution images are seen at full detail; 0: whole images",
+    )
+    min_visible_area: int = knob(
+        16,
+        "an instance cut by a crop or moved by augmentation is dropped (and counted) when fewer of its pixels than "
+        "this (or than it had) stay visible",
+    )
 
 
 @dataclass
@@ -146,6 +174,10 @@ class TrainConfig:
     early_stopping: int = knob(0, "stop after this many validations without a better mIoU; 0: never")
     max_nonfinite: int = knob(10, "non-finite losses in a row (each skips its step) before the run stops")
     log_images: int = knob(4, "validation images with ground truth and prediction sent to TensorBoard per eval")
+    log_train_images: int = knob(
+        0, "training samples (augmented, as the model sees them) with targets and prediction sent to TensorBoard "
+        "at each log point; 0: none"
+    )
     correction_clicks: int = knob(
         0, "interactive training: rounds after the first prompt, each adding one click in the instance's error; 0: off"
     )
@@ -333,6 +365,15 @@ _RANGES = [
     ("data.num_points", lambda c: c.data.num_points >= 1, "at least 1"),
     ("data.num_negative_points", lambda c: c.data.num_negative_points >= 0, "at least 0"),
     ("data.num_workers", lambda c: c.data.num_workers >= 0, "at least 0"),
+    ("data.augment_scale", lambda c: not c.data.augment_scale or (len(c.data.augment_scale) == 2
+        and 0 < c.data.augment_scale[0] <= c.data.augment_scale[1]), "empty or MIN,MAX with 0 < MIN <= MAX"),
+    ("data.augment_color", lambda c: not c.data.augment_color or (len(c.data.augment_color) == 4
+        and min(c.data.augment_color) >= 0 and c.data.augment_color[3] <= 0.5),
+        "empty or BRIGHTNESS,CONTRAST,SATURATION,HUE, each at least 0, HUE at most 0.5"),
+    *((f"data.augment_{name}", lambda c, name=name: getattr(c.data, f"augment_{name}") <= 1, "at most 1 (a chance)")
+      for name in ("hflip", "vflip", "rot90", "blur", "grayscale")),
+    ("data.crop_size", lambda c: c.data.crop_size == 0 or c.data.crop_size >= 16, "0 (off) or at least 16"),
+    ("data.min_visible_area", lambda c: c.data.min_visible_area >= 1, "at least 1"),
     ("train.epochs", lambda c: c.train.epochs >= 1 or c.train.max_steps > 0, "at least 1 (or set train.max_steps)"),
     ("train.max_steps", lambda c: c.train.max_steps >= 0, "at least 0"),
     ("train.batch_size", lambda c: c.train.batch_size >= 1, "at least 1"),
@@ -346,6 +387,7 @@ _RANGES = [
     ("train.keep_checkpoints", lambda c: c.train.keep_checkpoints >= 0, "at least 0 (0: keep all)"),
     ("train.max_nonfinite", lambda c: c.train.max_nonfinite >= 1, "at least 1"),
     ("train.log_images", lambda c: c.train.log_images >= 0, "at least 0"),
+    ("train.log_train_images", lambda c: c.train.log_train_images >= 0, "at least 0"),
     ("train.correction_clicks", lambda c: c.train.correction_clicks >= 0, "at least 0 (0: off)"),
     ("train.mask_prompt_prob", lambda c: 0 <= c.train.mask_prompt_prob <= 1, "in [0, 1]"),
     ("train.eval_clicks", lambda c: c.train.eval_clicks >= 0, "at least 0 (0: off)"),

@@ -127,6 +127,8 @@ class EmbeddingCache:
     ) -> Features:
         """The batch's image features (name -> (B, ...) tensor); ``encode(pixel_values)`` runs only for the
         images not cached. ``has_pixels`` (B,) marks the images the loader read (the others were cached)."""
+        if split not in self.paths:  # a split not cached (training images that augmentation changes)
+            return encode(pixel_values)
         keys = [self._key(split, int(i)) for i in image_ids]
         found = [self._load(key) for key in keys]
         missing = [n for n, value in enumerate(found) if value is None]

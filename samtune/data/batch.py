@@ -52,6 +52,7 @@ class SamBatch(_SamBatchAlways, total=False):
     pixel_mean: torch.Tensor  # (B, 3) float: per-channel mean in 0-255 units
     pixel_std: torch.Tensor  # (B, 3) float: per-channel std in 0-255 units
     has_pixels: torch.Tensor  # (B,) bool: False where the image was not read (its embedding is cached)
+    dropped: torch.Tensor  # (B,) int64, training: instances a crop or augmentation cut away (samtune.data.augment)
 
 
 # Per-instance fields padded along the instance axis, and the value padding takes.

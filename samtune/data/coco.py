@@ -297,6 +297,68 @@ class CocoInstanceDataset(Dataset):
             "ignore": crowd.any(axis=0) if len(crowd) else np.zeros(image.size, dtype=bool),
         }
 
+    def sample_crop(
+        self, index: int, crop: int, rng: np.random.Generator, min_visible: int, pixels: bool = True,
+        as_image: bool = False,
+    ) -> dict:
+        """``sample``, cut to a random ``crop`` x ``crop`` window (each side of the image longer than ``crop``), for
+        training on high-resolution images at full detail. The window holds a random pixel of a random instance
+        (that instance is always kept); other instances with fewer than ``min_visible`` pixels (or fewer than they
+        had) in it are dropped, counted in ``dropped``. Masks are decoded one at a time and cut at once, and the
+        image is cut right after decoding, so at most one full-size image or mask is in memory."""
+        image = self.images[index]
+        height, width = image.size
+        crop_h, crop_w = min(crop, height), min(crop, width)
+        if (crop_h, crop_w) == (height, width):
+            return {**self.sample(index, pixels, as_image), "dropped": 0}
+        anchor = int(rng.integers(len(image.instances))) if image.instances else -1
+        if anchor >= 0:  # a window over a random pixel of a random instance: crops are rarely empty
+            rows, cols = np.nonzero(self._decode(image, [image.instances[anchor].rle])[0])
+            pick = int(rng.integers(len(rows)))
+            row, col = int(rows[pick]), int(cols[pick])
+        else:
+            row, col = int(rng.integers(height)), int(rng.integers(width))
+        top = int(rng.integers(max(0, row - crop_h + 1), min(row, height - crop_h) + 1))
+        left = int(rng.integers(max(0, col - crop_w + 1), min(col, width - crop_w) + 1))
+        window = (slice(top, top + crop_h), slice(left, left + crop_w))
+        kept, masks = [], []
+        for number, instance in enumerate(image.instances):
+            if not self._may_reach(image, instance.rle, top, left, crop_h, crop_w):
+                continue
+            mask = self._decode(image, [instance.rle])[0][window]
+            shown = int(mask.sum())
+            if number == anchor or (shown and shown >= min(min_visible, instance.area)):
+                kept.append(number)
+                masks.append(mask)
+        ignore = np.zeros((crop_h, crop_w), dtype=bool)
+        for rle in image.crowd:
+            ignore |= self._decode(image, [rle])[0][window]
+        rgb = None
+        if pixels:
+            rgb = self._read(image, as_image)
+            rgb = rgb.crop((left, top, left + crop_w, top + crop_h)) if as_image else rgb[window].copy()
+        instances = [image.instances[n] for n in kept]
+        return {
+            "image_id": image.image_id,
+            "image": rgb,
+            "size": (crop_h, crop_w),
+            "masks": np.stack(masks) if masks else np.zeros((0, crop_h, crop_w), dtype=bool),
+            "category_ids": np.array([inst.category_id for inst in instances], dtype=np.int64),
+            "annotation_ids": np.array([inst.annotation_id for inst in instances], dtype=np.int64),
+            "ignore": ignore,
+            "dropped": len(image.instances) - len(kept),
+            "window": (top, left, crop_h, crop_w),
+        }
+
+    @staticmethod
+    def _may_reach(image: CocoImage, rle: dict, top: int, left: int, height: int, width: int) -> bool:
+        """False when the annotation's box lies wholly outside the window (its mask need not be decoded); boxes
+        are in the annotation frame, so a file turned by EXIF is always decoded."""
+        if image.annotations_on_stored_pixels and image.orientation != 1:
+            return True
+        x, y, w, h = mask_utils.toBbox(rle)
+        return x < left + width and x + w > left and y < top + height and y + h > top
+
     def _read(self, image: CocoImage, as_image: bool = False) -> np.ndarray | Image.Image:
         try:
             pixels = read_rgb_image(image.path) if as_image else read_rgb(image.path)

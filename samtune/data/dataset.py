@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from samtune.config import DataConfig
+from samtune.data.augment import augment_sample, settings_of
 from samtune.data.batch import collate, encode_sample, encode_uint8
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.geometry import InputGeometry, UnsupportedGeometry
@@ -39,6 +40,10 @@ class SamPromptDataset(Dataset):
     Evaluation: every instance, in chunks of ``data.max_instances``, with fixed prompts, and the
     original-resolution masks kept for scoring.
 
+    Training also augments (``data.augment``, ``samtune.data.augment``) and crops (``data.crop_size``) each
+    sample, before instances and prompts are chosen, from a second generator of (seed, epoch, index) (so the
+    subsets and prompts of un-augmented runs stay as they were); ``dropped`` counts the instances they cut away.
+
     Images travel as uint8 for the device to normalise (``data.normalize_on: device``, ``samtune.data.geometry``)
     or normalised by the processor (``cpu``); images named by ``skip_pixels`` are not read at all.
     """
@@ -53,6 +58,8 @@ class SamPromptDataset(Dataset):
         self.epoch = 0
         self.geometry = uint8_geometry(processor) if data.normalize_on == "device" else None
         self.cached: frozenset[int] = frozenset()  # image ids whose pixels are not needed (embedding cached)
+        self.augment = settings_of(data) if train else None
+        self.crop_size = data.crop_size if train else 0
         counts = [len(image.instances) for image in source.images]
         if data.prompt == "none":
             self.items = [(i, 0) for i in range(len(counts))]
@@ -99,7 +106,8 @@ class SamPromptDataset(Dataset):
     def __getitem__(self, item: int) -> dict:
         index, start = self.items[item]
         read = self.source.images[index].image_id not in self.cached
-        sample = self.source.sample(index, pixels=read, as_image=self.geometry is not None and self.geometry.pil)
+        as_image = self.geometry is not None and self.geometry.pil
+        sample = self._read(index, read, as_image)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.train else None
         masks, categories, annotations = self._instances(sample, start, rng)
         prompts = make_prompts(masks, self.data, rng)
@@ -112,10 +120,28 @@ class SamPromptDataset(Dataset):
             category_ids=torch.from_numpy(categories),
             annotation_ids=torch.from_numpy(annotations),
         )
-        if not self.train:
+        if self.train:
+            encoded["dropped"] = torch.tensor(sample.get("dropped", 0))
+        else:
             encoded["original_masks"] = torch.from_numpy(masks)
             encoded["original_ignore"] = torch.from_numpy(sample["ignore"])
         return encoded
+
+    def _read(self, index: int, read: bool, as_image: bool) -> dict:
+        """The source's sample; in training cut to a random window and augmented, both drawn from a generator of
+        (seed, epoch, index, 1), whatever the worker."""
+        varies = self.crop_size or (self.augment is not None and self.augment.active)
+        if not varies:
+            return self.source.sample(index, pixels=read, as_image=as_image)
+        draws = np.random.default_rng([self.seed, self.epoch, index, 1])
+        if self.crop_size:
+            sample = self.source.sample_crop(index, self.crop_size, draws, self.data.min_visible_area, read, as_image)
+        else:
+            sample = self.source.sample(index, pixels=read, as_image=as_image)
+        if self.augment.active and sample["image"] is not None:
+            seed = int(draws.integers(2**63))
+            sample = augment_sample(sample, self.augment, seed, self.data.min_visible_area)
+        return sample
 
 
 def uint8_geometry(processor) -> InputGeometry | None:

@@ -12,6 +12,7 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from torch.utils.data import DataLoader
 
 from samtune.config import Config, ConfigError, is_demo
+from samtune.data.augment import varies_images
 from samtune.data.coco import CocoInstanceDataset
 from samtune.data.dataset import SamPromptDataset, Split, make_loader
 from samtune.demo.assets import prepare_demo
@@ -103,6 +104,13 @@ def build_cache(config: Config, model, processor, run_data: RunData, out: Path) 
         logger.info("image embeddings: recomputed every step, not cached, because %s", reason)
         return None
     sources = run_data.sources()
+    varies = varies_images(config.data)
+    if varies:  # an embedding of the file would be wrong for the augmented or cropped image the model sees
+        del sources[Split.TRAIN]
+        if not sources:
+            logger.info("image embeddings: recomputed every step, not cached, because %s", varies)
+            return None
+        logger.info("image embeddings: training images recomputed every step because %s", varies)
     size = estimate_bytes(model, sum(len(source) for source in sources.values()))
     folder = config.data.embedding_cache_dir or None
     if folder is None and size > config.data.embedding_cache_memory_gb * 1e9:
