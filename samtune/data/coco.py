@@ -313,7 +313,7 @@ class CocoInstanceDataset(Dataset):
             return {**self.sample(index, pixels, as_image), "dropped": 0}
         anchor = int(rng.integers(len(image.instances))) if image.instances else -1
         if anchor >= 0:  # a window over a random pixel of a random instance: crops are rarely empty
-            rows, cols = np.nonzero(self._decode(image, [image.instances[anchor].rle])[0])
+            rows, cols = np.nonzero(self._decode_one(image, image.instances[anchor].rle))
             pick = int(rng.integers(len(rows)))
             row, col = int(rows[pick]), int(cols[pick])
         else:
@@ -325,18 +325,18 @@ class CocoInstanceDataset(Dataset):
         for number, instance in enumerate(image.instances):
             if not self._may_reach(image, instance.rle, top, left, crop_h, crop_w):
                 continue
-            mask = self._decode(image, [instance.rle])[0][window]
+            mask = np.ascontiguousarray(self._decode_one(image, instance.rle)[window])
             shown = int(mask.sum())
             if number == anchor or (shown and shown >= min(min_visible, instance.area)):
                 kept.append(number)
                 masks.append(mask)
         ignore = np.zeros((crop_h, crop_w), dtype=bool)
         for rle in image.crowd:
-            ignore |= self._decode(image, [rle])[0][window]
+            ignore |= self._decode_one(image, rle)[window]
         rgb = None
-        if pixels:
-            rgb = self._read(image, as_image)
-            rgb = rgb.crop((left, top, left + crop_w, top + crop_h)) if as_image else rgb[window].copy()
+        if pixels:  # cut the decoded PIL image before any copy into numpy: no second full-size array
+            cut = self._read(image, as_image=True).crop((left, top, left + crop_w, top + crop_h))
+            rgb = cut if as_image else np.asarray(cut)
         instances = [image.instances[n] for n in kept]
         return {
             "image_id": image.image_id,
@@ -349,6 +349,12 @@ class CocoInstanceDataset(Dataset):
             "dropped": len(image.instances) - len(kept),
             "window": (top, left, crop_h, crop_w),
         }
+
+    @staticmethod
+    def _decode_one(image: CocoImage, rle: dict) -> np.ndarray:
+        """One upright (H, W) bool mask, viewing pycocotools' 0 / 1 bytes as bool (no second full-size copy)."""
+        mask = mask_utils.decode(rle).view(bool)
+        return orient_mask(mask, image.orientation) if image.annotations_on_stored_pixels else mask
 
     @staticmethod
     def _may_reach(image: CocoImage, rle: dict, top: int, left: int, height: int, width: int) -> bool:
