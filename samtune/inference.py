@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 
+import numpy as np
 import torch
 
 from samtune.errors import UserError
+from samtune.models.fast_encoder import uses_fast_encoder
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,3 +58,45 @@ def autocast(device: str | torch.device, precision: str) -> contextlib.AbstractC
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
+
+
+class Clock:
+    """Wall time of GPU work with CUDA events, of CPU work with perf_counter."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def mark(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000
+        return end - start
+
+
+def summary(values: list[float]) -> dict:
+    """Median and 90th percentile (NaN when nothing was timed)."""
+    if not values:
+        return {"median": float("nan"), "p90": float("nan")}
+    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+
+
+def latency(
+    model, device: torch.device, batch_size: int, precision: str, encoder_ms: list[float], decoder_ms: list[float]
+) -> dict:
+    """The latency entry of evaluate's results: where it ran, how, and the per-image times."""
+    cpu = f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "batch_size": batch_size,
+        "precision": precision,
+        "fast_encoder": uses_fast_encoder(model),
+        "image_encoder_ms": summary(encoder_ms),
+        "decoder_ms": summary(decoder_ms),
+    }
