@@ -175,8 +175,9 @@ class TrainConfig:
     max_nonfinite: int = knob(10, "non-finite losses in a row (each skips its step) before the run stops")
     log_images: int = knob(4, "validation images with ground truth and prediction sent to TensorBoard per eval")
     log_train_images: int = knob(
-        0, "training samples (augmented, as the model sees them) with targets and prediction sent to TensorBoard "
-        "at each log point; 0: none"
+        0,
+        "training samples (augmented, as the model sees them) with targets and prediction sent to TensorBoard "
+        "at each log point; 0: none",
     )
     correction_clicks: int = knob(
         0, "interactive training: rounds after the first prompt, each adding one click in the instance's error; 0: off"
@@ -365,13 +366,26 @@ _RANGES = [
     ("data.num_points", lambda c: c.data.num_points >= 1, "at least 1"),
     ("data.num_negative_points", lambda c: c.data.num_negative_points >= 0, "at least 0"),
     ("data.num_workers", lambda c: c.data.num_workers >= 0, "at least 0"),
-    ("data.augment_scale", lambda c: not c.data.augment_scale or (len(c.data.augment_scale) == 2
-        and 0 < c.data.augment_scale[0] <= c.data.augment_scale[1]), "empty or MIN,MAX with 0 < MIN <= MAX"),
-    ("data.augment_color", lambda c: not c.data.augment_color or (len(c.data.augment_color) == 4
-        and min(c.data.augment_color) >= 0 and c.data.augment_color[3] <= 0.5),
-        "empty or BRIGHTNESS,CONTRAST,SATURATION,HUE, each at least 0, HUE at most 0.5"),
-    *((f"data.augment_{name}", lambda c, name=name: getattr(c.data, f"augment_{name}") <= 1, "at most 1 (a chance)")
-      for name in ("hflip", "vflip", "rot90", "blur", "grayscale")),
+    (
+        "data.augment_scale",
+        lambda c: (
+            not c.data.augment_scale
+            or (len(c.data.augment_scale) == 2 and 0 < c.data.augment_scale[0] <= c.data.augment_scale[1])
+        ),
+        "empty or MIN,MAX with 0 < MIN <= MAX",
+    ),
+    (
+        "data.augment_color",
+        lambda c: (
+            not c.data.augment_color
+            or (len(c.data.augment_color) == 4 and min(c.data.augment_color) >= 0 and c.data.augment_color[3] <= 0.5)
+        ),
+        "empty or BRIGHTNESS,CONTRAST,SATURATION,HUE, each at least 0, HUE at most 0.5",
+    ),
+    *(
+        (f"data.augment_{name}", lambda c, name=name: getattr(c.data, f"augment_{name}") <= 1, "at most 1 (a chance)")
+        for name in ("hflip", "vflip", "rot90", "blur", "grayscale")
+    ),
     ("data.crop_size", lambda c: c.data.crop_size == 0 or c.data.crop_size >= 16, "0 (off) or at least 16"),
     ("data.min_visible_area", lambda c: c.data.min_visible_area >= 1, "at least 1"),
     ("train.epochs", lambda c: c.train.epochs >= 1 or c.train.max_steps > 0, "at least 1 (or set train.max_steps)"),

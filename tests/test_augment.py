@@ -284,3 +284,19 @@ def test_augment_table_quick(tmp_path, monkeypatch):
     report = json.loads(out.read_text())
     assert report["meta"]["images"] == 6 and len(report["rows"]) == 2
     assert md.read_text().splitlines()[3].startswith("| strong | 41.0 +- 1.4 | 51.0 +- 1.4 | 2.00 +- 0.00 | 2 |")
+
+
+def test_a_run_resumes_only_with_its_own_augmentation(tmp_path):
+    """Augmentation and crop keys are resume keys: other values would silently train something else."""
+    from samtune.config import save_config
+    from samtune.errors import UserError
+    from samtune.training.folder import check_resumable
+
+    stored = load_config(overrides={"data.augment": "strong", "data.crop_size": 256})
+    save_config(stored, tmp_path / "config.yaml")
+    check_resumable(tmp_path, load_config(overrides={"data.augment": "strong", "data.crop_size": 256}))
+    for key, value in (("data.augment", "light"), ("data.augment_hflip", 0.0), ("data.crop_size", 0),
+                       ("data.augment_scale", "0.9,1.1"), ("data.min_visible_area", 4)):  # fmt: skip
+        changed = load_config(overrides={"data.augment": "strong", "data.crop_size": 256, key: value})
+        with pytest.raises(UserError, match=key.replace(".", r"\.")):
+            check_resumable(tmp_path, changed)

@@ -298,7 +298,12 @@ class CocoInstanceDataset(Dataset):
         }
 
     def sample_crop(
-        self, index: int, crop: int, rng: np.random.Generator, min_visible: int, pixels: bool = True,
+        self,
+        index: int,
+        crop: int,
+        rng: np.random.Generator,
+        min_visible: int,
+        pixels: bool = True,
         as_image: bool = False,
     ) -> dict:
         """``sample``, cut to a random ``crop`` x ``crop`` window (each side of the image longer than ``crop``), for

@@ -26,6 +26,8 @@ RESUME_KEYS = (
     "data.train_annotations", "data.train_images", "data.prompt", "data.max_instances",
     "train.batch_size", "train.grad_accum", "train.seed",
     "train.correction_clicks", "train.mask_prompt_prob", "train.mask_only_round", "train.select_on",
+    "data.augment", *(f"data.augment_{name}" for name in ("hflip", "vflip", "rot90", "degrees", "scale", "color",
+    "blur", "noise", "grayscale")), "data.crop_size", "data.min_visible_area",
 )  # fmt: skip
 
 
@@ -94,4 +96,3 @@ def start_output_dir(out: Path, config: Config, fresh: bool) -> None:
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
-
