@@ -171,19 +171,49 @@ def detections(records: list[dict]) -> list[dict]:
     ]
 
 
-def coco_metrics(annotation_file: str | Path, results: list[dict]) -> dict:
-    """pycocotools' COCOeval on segmentation masks: AP, AP50, AP75 (fractions)."""
+def coco_metrics(annotation_file: str | Path, results: list[dict], class_agnostic: bool = False) -> dict:
+    """pycocotools' COCOeval on segmentation masks: AP, AP50, AP75 (fractions).
+
+    ``class_agnostic`` scores masks made without prompts (``samtune.automatic_masks``): categories are ignored
+    (``useCats = 0``), up to 1000 masks an image count (SAM's proposal setting), AP / AP50 / AP75 are at 1000
+    masks, and the average recall at 10, 100 and 1000 masks comes too (AR10, AR100, AR1000).
+    """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    keys = ("AP", "AP50", "AP75") + (("AR10", "AR100", "AR1000") if class_agnostic else ())
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         truth = COCO(str(annotation_file))
-        if not results:
-            return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+        if not results or (class_agnostic and not truth.getCatIds()):
+            return dict.fromkeys(keys, 0.0)
+        if class_agnostic:  # without categories COCOeval still gathers masks per category id it knows: one of those
+            results = [{**r, "category_id": truth.getCatIds()[0]} for r in results]
         predicted = truth.loadRes(copy.deepcopy(results))  # loadRes writes bbox / area / id into its input
         evaluator = COCOeval(truth, predicted, iouType="segm")
+        if class_agnostic:
+            evaluator.params.useCats = 0
+            evaluator.params.maxDets = [10, 100, 1000]
         evaluator.evaluate()
         evaluator.accumulate()
-        evaluator.summarize()
-    ap, ap50, ap75 = (float(v) for v in evaluator.stats[:3])
-    return {"AP": ap, "AP50": ap50, "AP75": ap75}
+        if not class_agnostic:
+            evaluator.summarize()
+    if not class_agnostic:
+        ap, ap50, ap75 = (float(v) for v in evaluator.stats[:3])
+        return {"AP": ap, "AP50": ap50, "AP75": ap75}
+    # summarize() mixes 100 and maxDets[2] in its AP lines: read the accumulated arrays as it does, all areas
+    precision, recall = evaluator.eval["precision"], evaluator.eval["recall"]  # (T, R, K, A, M), (T, K, A, M)
+    thresholds = list(np.round(evaluator.params.iouThrs, 2))
+    out = {
+        "AP": _coco_mean(precision[:, :, :, 0, -1]),
+        "AP50": _coco_mean(precision[thresholds.index(0.5), :, :, 0, -1]),
+        "AP75": _coco_mean(precision[thresholds.index(0.75), :, :, 0, -1]),
+    }
+    for m, count in enumerate(evaluator.params.maxDets):
+        out[f"AR{count}"] = _coco_mean(recall[:, :, 0, m])
+    return out
+
+
+def _coco_mean(values: np.ndarray) -> float:
+    """The mean over what COCOeval could score (it marks the rest -1), -1 when nothing could be, as it does."""
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else -1.0

@@ -1,10 +1,16 @@
-"""Side-by-side overlays (ground truth | prediction) of evaluation samples, for TensorBoard."""
+"""Overlays people can read: masks filled and outlined, the prompts that made them (box, clicks), each mask's
+category and score written beside it, and panels side by side (ground truth | prediction in TensorBoard;
+base | fine-tuned from ``samtune predict --compare-base``)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
 
 from samtune.data.batch import SamBatch
 
@@ -26,6 +32,7 @@ PALETTE = np.array(
 
 
 def paint(image: np.ndarray, masks: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """(H, W, 3) uint8: ``image`` with each of the (K, H, W) ``masks`` filled in its palette colour."""
     out = image.astype(np.float32).copy()
     for k, mask in enumerate(masks):
         colour = PALETTE[k % len(PALETTE)]
@@ -44,10 +51,18 @@ def draw_points(image: np.ndarray, points: np.ndarray, radius: int) -> np.ndarra
 
 
 def overlay_panel(
-    batch: SamBatch, row: int, logits: torch.Tensor, processor, points: np.ndarray | None = None
+    batch: SamBatch,
+    row: int,
+    logits: torch.Tensor,
+    processor,
+    points: np.ndarray | None = None,
+    boxes: bool = False,
+    titles: tuple[str, str] | None = None,
 ) -> np.ndarray:
     """(H, 2W + 4, 3) uint8 at the model's input scale: the image with its ground truth, then with the prediction
-    and ``points`` ((P, 3) x, y in the model's input frame, label), e.g. the clicks that led to it."""
+    and ``points`` ((P, 3) x, y in the model's input frame, label), e.g. the clicks that led to it; masks filled
+    and outlined. ``boxes``: also the batch's box prompts on the prediction; ``titles``: a caption over each half
+    (the panel is then taller)."""
     height, width = (int(v) for v in batch["reshaped_input_sizes"][row])
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
@@ -60,8 +75,120 @@ def overlay_panel(
     side = batch["pixel_values"].shape[-1]  # the padded (SAM) or square (SAM 2 / 3) input side
     predicted = F.interpolate(logits[row, :count][None].float().cpu(), size=(side, side), mode="bilinear")[0]
     predicted = predicted[:, :height, :width] > 0
-    gap = np.full((height, 4, 3), 255, np.uint8)
-    shown = paint(image, predicted.numpy())
+    prompt_boxes = None
+    if boxes and "input_boxes" in batch:
+        prompt_boxes = batch["input_boxes"][row, :count].float().cpu().numpy()
+    shown = draw_masks(image, predicted.numpy(), boxes=prompt_boxes)
     if points is not None and len(points):
         shown = draw_points(shown, points, radius=max(1, round(max(height, width) / 100)))
-    return np.concatenate([paint(image, truth.numpy()), gap, shown], axis=1)
+    truth_panel = draw_masks(image, truth.numpy())
+    if titles is None:
+        gap = np.full((height, 4, 3), 255, np.uint8)
+        return np.concatenate([truth_panel, gap, shown], axis=1)
+    return side_by_side([truth_panel, shown], list(titles))
+
+
+def colour_of(k: int) -> tuple[int, int, int]:
+    """The palette colour of mask ``k``."""
+    return tuple(int(v) for v in PALETTE[k % len(PALETTE)])
+
+
+def outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels of a bool (H, W) ``mask`` within ``width`` pixels of its border (inside it)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    out = np.zeros_like(mask, dtype=bool)
+    if not len(rows):
+        return out
+    # eroded within the mask's box only: a 12 MP photo's small object costs its box, not the photo
+    y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    inside = mask[y0:y1, x0:x1].astype(bool)
+    out[y0:y1, x0:x1] = inside & ~ndimage.binary_erosion(inside, iterations=width, border_value=0)
+    return out
+
+
+def line_width(shape: Sequence[int]) -> int:
+    """An outline / box width that stays visible as the image grows (1 px at 500 px, 8 px on a 4000 px photo)."""
+    return max(1, round(max(shape[:2]) / 500))
+
+
+def draw_box(image: np.ndarray, box: Sequence[float], colour: Sequence[int], width: int = 1) -> np.ndarray:
+    """A copy of ``image`` with the rectangle of ``box`` ([x0, y0, x1, y1], inclusive pixels) drawn."""
+    canvas = Image.fromarray(image)
+    x0, y0, x1, y1 = (float(v) for v in box)
+    ImageDraw.Draw(canvas).rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=tuple(colour), width=width)
+    return np.asarray(canvas).copy()
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)  # Pillow's bundled font: no font files needed
+
+
+def write(image: np.ndarray, xy: Sequence[float], text: str, colour: Sequence[int], size: int = 12) -> np.ndarray:
+    """A copy of ``image`` with ``text`` written at ``xy`` (its top-left, kept inside the image), white on a
+    ``colour`` label so it reads on any background."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    font = _font(size)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    pad = max(1, size // 6)
+    w, h = right - left + 2 * pad, bottom - top + 2 * pad
+    x = int(min(max(0, xy[0]), max(0, image.shape[1] - w)))
+    y = int(min(max(0, xy[1]), max(0, image.shape[0] - h)))
+    draw.rectangle([x, y, x + w - 1, y + h - 1], fill=tuple(colour))
+    draw.text((x + pad - left, y + pad - top), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas).copy()
+
+
+def draw_masks(
+    image: np.ndarray,
+    masks: np.ndarray,
+    boxes: np.ndarray | Sequence | None = None,
+    points: Sequence[np.ndarray | None] | None = None,
+    texts: Sequence[str] | None = None,
+    alpha: float = 0.4,
+) -> np.ndarray:
+    """(H, W, 3) uint8: each of the (K, H, W) ``masks`` filled and outlined in its colour, with its prompt box
+    (``boxes`` [x0, y0, x1, y1] or None each), its clicks (``points``: (P, 3) x, y, label each, or None: green
+    positive, red negative) and its ``texts`` (e.g. "cat 0.93") written at its top-left corner."""
+    image = np.ascontiguousarray(image, dtype=np.uint8) if image.dtype != np.uint8 else image
+    width = line_width(image.shape)
+    out = paint(image, masks, alpha)
+    for k, mask in enumerate(masks):
+        out[outline(mask, width)] = colour_of(k)
+    for k in range(len(masks)):
+        box = None if boxes is None else boxes[k]
+        if box is not None:
+            out = draw_box(out, box, colour_of(k), width)
+    if points is not None:
+        for clicks in points:
+            if clicks is not None and len(clicks):
+                out = draw_points(out, np.asarray(clicks), radius=max(3, 3 * width))
+    size = max(10, round(max(image.shape[:2]) / 60))
+    for k, text in enumerate(texts or []):
+        if not text:
+            continue
+        if boxes is not None and boxes[k] is not None:
+            corner = (boxes[k][0], boxes[k][1])
+        elif masks[k].any():
+            ys, xs = np.nonzero(masks[k])
+            corner = (xs.min(), ys.min())
+        else:
+            continue
+        out = write(out, corner, text, colour_of(k), size)
+    return out
+
+
+def side_by_side(panels: Sequence[np.ndarray], titles: Sequence[str], gap: int = 4) -> np.ndarray:
+    """Panels of one height next to each other, ``gap`` white pixels apart, each under its title."""
+    height = max(panel.shape[0] for panel in panels)
+    size = max(12, round(height / 40))
+    bar = size + size // 2
+    columns = []
+    for panel, title in zip(panels, titles):
+        column = np.full((height + bar, panel.shape[1], 3), 255, np.uint8)
+        column[bar : bar + panel.shape[0]] = panel
+        canvas = Image.fromarray(column)
+        ImageDraw.Draw(canvas).text((4, size // 4), title, fill=(0, 0, 0), font=_font(size))
+        columns.append(np.asarray(canvas))
+        columns.append(np.full((height + bar, gap, 3), 255, np.uint8))
+    return np.concatenate(columns[:-1], axis=1)

@@ -183,14 +183,19 @@ def _emitted_levels(base: torch.nn.Module) -> int:
 
 
 def post_process_masks(
-    processor, logits: torch.Tensor, original_sizes: torch.Tensor, reshaped_input_sizes: torch.Tensor
+    processor,
+    logits: torch.Tensor,
+    original_sizes: torch.Tensor,
+    reshaped_input_sizes: torch.Tensor,
+    binarize: bool = True,
 ) -> list[torch.Tensor]:
     """Binary masks at each image's original size from (B, K, 1, h, w) low-resolution logits, by the family's own
-    processor: SAM / SAM-HQ upsample, crop the padding and resize; SAM 2 / 3 resize once (no padding)."""
+    processor: SAM / SAM-HQ upsample, crop the padding and resize; SAM 2 / 3 resize once (no padding).
+    ``binarize=False``: the upscaled logits themselves (what SAM's stability score is computed on)."""
     padded = getattr(processor.image_processor, "pad_size", None)
     if padded:
-        return processor.post_process_masks(logits, original_sizes, reshaped_input_sizes)
-    return processor.post_process_masks(logits, original_sizes)
+        return processor.post_process_masks(logits, original_sizes, reshaped_input_sizes, binarize=binarize)
+    return processor.post_process_masks(logits, original_sizes, binarize=binarize)
 
 
 def forward_options(model: torch.nn.Module, hq_token_only: bool = False) -> dict:
