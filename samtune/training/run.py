@@ -359,7 +359,7 @@ class TrainingRun:
             targets = batch["low_res_masks"][row][batch["valid"][row]].float().cpu()
             # the low-resolution targets in the input frame, cropped to the image (overlay_panel's "original size")
             truth = torch.nn.functional.interpolate(targets[None], size=(side, side), mode="nearest")[0]
-            shown = {**batch, "original_masks": [truth[:, :height, :width].bool()] * (row + 1)}
+            shown = {**batch, "original_masks": [None] * row + [truth[:, :height, :width].bool()]}
             points = None
             if "input_points" in batch:
                 valid = batch["valid"][row].cpu()
