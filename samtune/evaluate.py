@@ -10,6 +10,9 @@ mIoU_image / mF1_image means over images of their per-image means. JSON holds fr
 percentages. Latency is per image, image encoder and decoder timed apart (CUDA events on a GPU, a monotonic
 clock on a CPU), the first batch excluded as warm-up. ``--clicks K`` also follows the click protocol
 (samtune.click_protocol): K correction clicks after the first prompt, the mIoU after each, NoC85 / NoC90.
+``--automatic`` scores masks made without prompts (samtune.automatic_masks, SAM's defaults, the same flags as
+predict) against all annotations, class-agnostic: COCO AP / AP50 / AP75 at 1000 masks an image, AR10 / AR100 /
+AR1000; --output also gets the masks (*.automatic.json beside it).
 """
 
 from __future__ import annotations
@@ -17,14 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import get_args
 
-import numpy as np
 import torch
 
 from samtune import inference
+from samtune.automatic_masks import add_arguments as add_automatic_arguments
+from samtune.automatic_masks import config_from, format_scores, score_split
 from samtune.click_protocol import follow_clicks, summarize
 from samtune.config import DataConfig, PromptMode
 from samtune.data.batch import to_device
@@ -33,28 +36,9 @@ from samtune.data.dataset import SamPromptDataset, make_loader
 from samtune.errors import UserError, run_command
 from samtune.evaluation import aggregate, coco_metrics, detections, sam_forward, score_loader
 from samtune.models.family import image_features
-from samtune.models.fast_encoder import uses_fast_encoder
 from samtune.models.loading import load_trained
-
-
-class _Clock:
-    """Wall time of GPU work with CUDA events, of CPU work with perf_counter."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def seconds(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end) / 1000
-        return end - start
+from samtune.tiled_evaluation import evaluate_tiled
+from samtune.tiling import add_tile_arguments, tiling_of
 
 
 class _TimedForward:
@@ -64,7 +48,7 @@ class _TimedForward:
     def __init__(self, model, device: torch.device, autocast, warmup: int, hq_token_only: bool = False) -> None:
         self.model, self.device, self.autocast, self.warmup = model, device, autocast, warmup
         self.hq_token_only = hq_token_only
-        self.clock = _Clock(device)
+        self.clock = inference.Clock(device)
         self.encoder_ms: list[float] = []
         self.decoder_ms: list[float] = []
         self.last: tuple = ()  # the last batch on the device and its image features (for the click protocol)
@@ -123,23 +107,8 @@ def evaluate_split(
     metrics = aggregate(records, dataset.source.categories)
     if clicks:
         metrics["clicks"] = summarize(click_records, clicks)
-    metrics["latency"] = {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"cpu ({torch.get_num_threads()} threads)",
-        "batch_size": batch_size,
-        "precision": precision,
-        "fast_encoder": uses_fast_encoder(model),
-        "image_encoder_ms": _summary(forward.encoder_ms),
-        "decoder_ms": _summary(forward.decoder_ms),
-    }
+    metrics["latency"] = inference.latency(model, device, batch_size, precision, forward.encoder_ms, forward.decoder_ms)
     return metrics, records
-
-
-def _summary(values: list[float]) -> dict:
-    if not values:
-        return {"median": float("nan"), "p90": float("nan")}
-    return {"median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
 
 
 def skipped_counts(source: CocoInstanceDataset) -> dict:
@@ -172,6 +141,12 @@ def format_table(columns: dict[str, dict]) -> str:
         f"{latency['device']}, batch {latency['batch_size']}, {latency.get('precision', 'fp32')}"
         f"{'' if latency.get('fast_encoder', True) else ', plain SamModel encoder'}:"
     )
+    if "tiling" in latency:
+        tiling = latency["tiling"]
+        lines.append(
+            f"  tiled: {tiling['tile']} px tiles, overlap {tiling['overlap']} px, "
+            f"{tiling['windows_per_image']['median']:.0f} windows per image (median), times summed over them"
+        )
     for n in names:
         lat = columns[n]["latency"]
         lines.append(
@@ -215,7 +190,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--clicks", type=int, default=0, help="also K correction clicks after the prompt: mIoU per click, NoC85/90"
     )
+    add_tile_arguments(parser)
+    parser.add_argument(
+        "--automatic", action="store_true", help="score masks made without prompts: class-agnostic COCO AP / AR"
+    )
+    add_automatic_arguments(parser)
     args = parser.parse_args(argv)
+    if args.automatic and args.clicks:
+        raise UserError("--automatic with --clicks: automatic masks have no prompt to correct; drop one of the two")
+    tiling = tiling_of(args)
+    if tiling is not None and args.clicks:
+        raise UserError("--clicks with --tile: the click protocol runs on whole images; drop one of the two")
     if args.clicks < 0:
         raise UserError(f"--clicks {args.clicks}: the number of correction clicks is at least 0 (0: off)")
 
@@ -236,20 +221,51 @@ def main(argv: list[str] | None = None) -> dict:
             fast_encoder=args.fast_encoder,
             compile=args.compile,
         )
-        data = DataConfig(prompt=args.prompt, max_instances=args.max_instances)
-        dataset = SamPromptDataset(source, processor, data, train=False)
-        metrics, records = evaluate_split(
-            model,
-            processor,
-            dataset,
-            args.batch_size,
-            args.device,
-            args.num_workers,
-            args.coco,
-            args.precision,
-            args.hq_token_only,
-            args.clicks,
-        )
+        if args.automatic:
+            metrics, found = score_split(
+                model,
+                processor,
+                source,
+                args.annotations,
+                args.device,
+                config_from(args).check(),
+                args.precision,
+                args.hq_token_only,
+            )
+            metrics.update(model=weights, adapter=adapter, annotations=str(args.annotations), prompt="automatic")
+            if args.output:
+                path = args.output.with_name(f"{args.output.stem}.{name}.automatic.json")
+                path.write_text(json.dumps(found))
+                metrics["coco"]["results_file"] = str(path)
+            columns[name] = results[name] = metrics
+            continue
+        if tiling is not None:
+            metrics, records = evaluate_tiled(
+                model,
+                processor,
+                source,
+                tiling,
+                args.prompt,
+                args.device,
+                args.coco,
+                args.precision,
+                args.hq_token_only,
+            )
+        else:
+            data = DataConfig(prompt=args.prompt, max_instances=args.max_instances)
+            dataset = SamPromptDataset(source, processor, data, train=False)
+            metrics, records = evaluate_split(
+                model,
+                processor,
+                dataset,
+                args.batch_size,
+                args.device,
+                args.num_workers,
+                args.coco,
+                args.precision,
+                args.hq_token_only,
+                args.clicks,
+            )
         metrics.update(
             model=weights,
             adapter=adapter,
@@ -266,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics["coco"]["results_file"] = str(path)
         columns[name] = metrics
         results[name] = metrics
-    print(format_table(columns))
+    print(format_scores(columns) if args.automatic else format_table(columns))
     if args.clicks:
         print(format_clicks(columns))
     if not_scored := skipped_counts(source):

@@ -2,7 +2,7 @@
 
     python -m samtune.predict --model facebook/sam-vit-base [--adapter runs/x/best] --images photos/ \
         [--prompts prompts.json | --coco detections.json] [--previous last.json] [--save-logits] \
-        [--output masks.json] [--overlays overlays/] [--precision fp32|bf16|fp16] [--no-fast-encoder]
+        [--output masks.json] [--overlays overlays/ [--compare-base]] [--precision fp32|bf16|fp16] [--no-fast-encoder]
 
 Prompts, per image file name (relative to --images, or the file's name when --images is one file):
 
@@ -16,8 +16,10 @@ or negative (0), one label per point; its "id" (a number or a string; default: i
 the result's "instance_id" (boxes and points: their position, boxes first; --coco: the annotation id). A
 single click alone yields SAM's best of three masks; anything more, one mask. With --coco the boxes are the
 annotations' bbox fields (a detector's output in COCO format, say). Without prompts, masks are generated
-automatically from a grid of points (--points-per-side), kept by predicted IoU and stability, and
-de-duplicated by mask overlap.
+automatically as SAM does (``samtune.automatic_masks``): a grid of clicks (--points-per-side 32) on the image
+and on --crop-layers of crops, kept by predicted IoU (--min-score 0.88) and stability (--min-stability 0.95),
+de-duplicated by mask IoU (--dedup-iou 0.7). --overlays draws each mask filled and outlined with its prompt
+and score; with --adapter, --compare-base puts the base model's masks beside the fine-tuned ones.
 
 Correction rounds: --previous names predict's output of the last round; an instance of this round whose
 (file_name, instance id) is there gets its last mask as the mask prompt, with its box and clicks so far plus
@@ -47,20 +49,17 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from samtune import inference
+from samtune.automatic_masks import add_arguments as add_automatic_arguments
+from samtune.automatic_masks import automatic_masks, coco_entry, config_from
 from samtune.data.images import ImageReadError, displayed_size, probe, read_rgb
 from samtune.errors import UserError, run_command
 from samtune.evaluation import encode_rle
+from samtune.image_encoding import Encoded, encode_image
 from samtune.interactive import instance_forward
-from samtune.models.family import (
-    base_of,
-    decoder_inputs,
-    family_of,
-    forward_options,
-    image_features,
-    post_process_masks,
-)
+from samtune.models.family import base_of, family_of, post_process_masks
 from samtune.models.loading import load_trained
-from samtune.visualize import paint
+from samtune.tiling import Tiling, Window, add_tile_arguments, prompt_extent, tiling_of
+from samtune.visualize import draw_masks, side_by_side
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 INSTANCE_KEYS = ("id", "box", "points", "labels")
@@ -377,30 +376,6 @@ def _scale(coords: list, scale: torch.Tensor) -> torch.Tensor:
     return (values.reshape(-1, 2) * scale).reshape(values.shape)
 
 
-class Encoded(NamedTuple):
-    """One image through the processor and the image encoder: all that decoding its prompts needs."""
-
-    inputs: dict  # the processor's output (pixel_values, original_sizes, reshaped_input_sizes for SAM / SAM-HQ)
-    reshaped: tuple[int, int]  # the image's size inside the model's input frame
-    scale: torch.Tensor  # original pixels -> input frame: (x, y) factors
-    features: dict  # decoder_inputs(image_features(...)): what the decoder takes in place of pixel_values
-
-
-@torch.no_grad()
-def encode_image(model, processor, image: np.ndarray, device) -> Encoded:
-    """The processor and the image encoder, once per image: any number of prompts decode from the result."""
-    inputs = processor(images=image, return_tensors="pt")
-    pixel_values = inputs["pixel_values"]
-    if "reshaped_input_sizes" in inputs:
-        reshaped = tuple(int(v) for v in inputs["reshaped_input_sizes"][0])
-    else:  # SAM 2 / 3: the image fills the square
-        reshaped = tuple(pixel_values.shape[-2:])
-    original = tuple(int(v) for v in inputs["original_sizes"][0])
-    scale = torch.tensor([reshaped[1] / original[1], reshaped[0] / original[0]])
-    features = decoder_inputs(model, image_features(model, pixel_values.to(device)))
-    return Encoded(inputs, reshaped, scale, features)
-
-
 @torch.no_grad()
 def prompted_masks(
     model, processor, image: np.ndarray, instances: list[Instance], device, hq_token_only: bool = False
@@ -454,61 +429,52 @@ def decode_prompts(
     return [found[index] for index in range(len(instances))]
 
 
+def in_window(window: Window, instances: list[Instance]) -> list[Instance]:
+    """The instances' prompts in ``window``'s frame (tiled inference; no mask prompts there)."""
+    return [
+        replace(
+            item,
+            box=None if item.box is None else window.to_window(item.box),
+            points=[window.to_window(point) for point in item.points],
+        )
+        for item in instances
+    ]
+
+
+def windows_of(instances: list[Instance], tiling: Tiling, height: int, width: int) -> dict[Window, list[int]]:
+    """The indices of the instances decoded in each window (``samtune.tiling``), windows in image order."""
+    groups: dict[Window, list[int]] = {}
+    for index, item in enumerate(instances):
+        window = tiling.window_for(prompt_extent(item.box, item.points), height, width)
+        groups.setdefault(window, []).append(index)
+    return dict(sorted(groups.items(), key=lambda entry: (entry[0].y0, entry[0].x0, entry[0].y1, entry[0].x1)))
+
+
+def in_image(window: Window, found: Found, height: int, width: int) -> Found:
+    """A mask found in ``window`` as a mask of the whole (height, width) image (its logits stay the window's)."""
+    return Found(torch.from_numpy(window.paste(found.mask.numpy(), height, width)), found.score, found.logits)
+
+
+@torch.no_grad()
+def tiled_masks(
+    model, processor, image: np.ndarray, instances: list[Instance], tiling: Tiling, device, hq_token_only: bool = False
+) -> list[tuple[Window, Found]]:
+    """``prompted_masks`` window by window: each instance decoded in its window (mask, logits in the window's
+    frame), each window encoded once. Only the windows that hold prompts are encoded."""
+    height, width = image.shape[:2]
+    found: dict[int, tuple[Window, Found]] = {}
+    for window, members in windows_of(instances, tiling, height, width).items():
+        local = in_window(window, [instances[index] for index in members])
+        crop = np.ascontiguousarray(window.crop(image))
+        for index, item in zip(members, prompted_masks(model, processor, crop, local, device, hq_token_only)):
+            found[index] = (window, item)
+    return [found[index] for index in range(len(instances))]
+
+
 def _mask_prompt(previous, reshaped: tuple[int, int], input_size: tuple[int, int], side: tuple[int, int]):
     if isinstance(previous, torch.Tensor):
         return previous.float()
     return mask_to_logits(previous, reshaped, input_size, side)
-
-
-@torch.no_grad()
-def automatic_masks(
-    model,
-    processor,
-    image: np.ndarray,
-    device,
-    points_per_side: int = 16,
-    iou_threshold: float = 0.8,
-    stability_threshold: float = 0.9,
-    overlap: float = 0.7,
-    batch: int = 64,
-    hq_token_only: bool = False,
-) -> list[Found]:
-    """SAM's automatic mask generation, in its simplest form: a point grid, filters, greedy mask NMS."""
-    height, width = image.shape[:2]
-    steps = (np.arange(points_per_side) + 0.5) / points_per_side
-    grid = [[float(x * width), float(y * height)] for y in steps for x in steps]
-    inputs = processor(images=image, return_tensors="pt")
-    features = image_features(model, inputs["pixel_values"].to(device))
-    candidates = []
-    for start in range(0, len(grid), batch):
-        chunk = grid[start : start + batch]
-        prompt = processor(
-            images=image, input_points=[[[p] for p in chunk]], input_labels=[[[1] for _ in chunk]], return_tensors="pt"
-        )
-        result = model(
-            **decoder_inputs(model, features),
-            input_points=prompt["input_points"].float().to(device),
-            input_labels=prompt["input_labels"].to(device),
-            multimask_output=True,
-            **forward_options(model, hq_token_only),
-        )
-        logits = result.pred_masks[0].float()  # (N, 3, h, w)
-        scores = result.iou_scores[0].float()
-        stability = (logits > 1).flatten(2).sum(-1) / (logits > -1).flatten(2).sum(-1).clamp(min=1)
-        keep = (scores > iou_threshold) & (stability > stability_threshold)
-        for n, m in torch.nonzero(keep).tolist():
-            candidates.append((float(scores[n, m]), logits[n, m]))
-    candidates.sort(key=lambda c: -c[0])
-    kept: list[Found] = []
-    for score, logits in candidates:
-        mask = post_process_masks(
-            processor, logits[None, None, None].cpu(), inputs["original_sizes"], inputs.get("reshaped_input_sizes")
-        )[0][0, 0]
-        if not mask.any():
-            continue
-        if all((mask & other.mask).sum() / (mask | other.mask).sum() <= overlap for other in kept):
-            kept.append(Found(mask, score, logits.cpu()))
-    return kept
 
 
 def coco_result(found: Found, image_id: int, file_name: str, instance_id: InstanceId, category_id: int) -> dict:
@@ -530,8 +496,24 @@ def coco_result(found: Found, image_id: int, file_name: str, instance_id: Instan
     }
 
 
+def overlay(image: np.ndarray, entries: list[dict], instances: list[Instance] | None, names: dict) -> np.ndarray:
+    """The image with one image's results drawn: masks filled and outlined, each instance's box and clicks,
+    its category name (when known) and score."""
+    masks = (
+        np.stack([_decode(e["segmentation"]) for e in entries]) if entries else np.zeros((0, *image.shape[:2]), bool)
+    )
+    boxes = points = None
+    if instances:
+        boxes = [i.box for i in instances]
+        points = [np.array([[*xy, label] for xy, label in zip(i.points, i.labels)]) if i.points else None
+                  for i in instances]  # fmt: skip
+    texts = [f"{names.get(e['category_id'], '')} {e['score']:.2f}".strip() for e in entries]
+    return draw_masks(image, masks, boxes, points, texts)
+
+
 def save_logits(path: Path, results: list[dict], logits: list[torch.Tensor], model: torch.nn.Module) -> None:
-    """Each result's low-resolution logits (fp16: ample for logits), keyed by JSON [file_name, instance_id]."""
+    """Each result's low-resolution logits (fp16: ample for logits), keyed by JSON [file_name, instance_id]; None:
+    a mask without logits in the model's mask frame (an automatic mask found in a crop)."""
     frame, side = mask_frame(model)
     keys = [_logits_key((r["file_name"], r["instance_id"])) for r in results]
     metadata = {
@@ -541,7 +523,8 @@ def save_logits(path: Path, results: list[dict], logits: list[torch.Tensor], mod
         "model_type": base_of(model).config.model_type,
         "masks": json.dumps({key: _mask_hash(r["segmentation"]) for key, r in zip(keys, results)}),
     }
-    save_file({key: value.half().contiguous() for key, value in zip(keys, logits)}, str(path), metadata)
+    stored = {key: value.half().contiguous() for key, value in zip(keys, logits) if value is not None}
+    save_file(stored, str(path), metadata)  # masks without logits (automatic, from a crop) go back as masks
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -558,24 +541,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--save-logits", action="store_true", help="also write the masks' low-res logits to OUTPUT.logits.safetensors"
     )
-    parser.add_argument("--points-per-side", type=int, default=16, help="grid for automatic masks")
-    parser.add_argument("--min-score", type=float, default=0.8, help="automatic masks: least predicted IoU")
-    parser.add_argument("--min-stability", type=float, default=0.9, help="automatic masks: least stability")
     parser.add_argument("--output", type=Path, default=Path("predictions.json"))
     parser.add_argument("--overlays", type=Path, help="folder for PNG overlays of the masks")
+    parser.add_argument(
+        "--compare-base", action="store_true", help="with --adapter and --overlays: the base model's masks beside"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     inference.add_arguments(parser)
+    add_automatic_arguments(parser)
+    add_tile_arguments(parser)
     args = parser.parse_args(argv)
+    tiling = tiling_of(args)
+    if tiling is not None and (args.previous or args.save_logits):
+        raise UserError("--tile with --previous or --save-logits: tiled masks' logits lie in their tile, not the image")
 
     if args.output and not args.output.resolve().parent.is_dir():  # found now, not after the work
         raise UserError(f"--output {args.output}: its folder {args.output.parent} does not exist")
+    if args.compare_base and not (args.adapter and args.overlays):
+        raise UserError("--compare-base draws the base beside the fine-tuned model: it needs --adapter and --overlays")
     autocast = inference.autocast(args.device, args.precision)
-    image_ids, categories = {}, {}
+    automatic = config_from(args).check()
+    image_ids, categories, names = {}, {}, {}
     prompts = None
     if args.prompts:
         prompts = read_prompts(args.prompts)
     elif args.coco:
         prompts, image_ids, categories = prompts_from_coco(args.coco)
+        names = {c.get("id"): str(c.get("name", "")) for c in _read_json(args.coco).get("categories", [])}
     if args.previous and prompts is None:
         raise UserError("--previous needs --prompts or --coco: the instances of this round, with their new clicks")
     previous = Previous.read(args.previous) if args.previous else None
@@ -594,37 +586,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if previous is not None:
         previous.check_model(model)
     model.to(args.device)
+    base = None
+    if args.compare_base:
+        base = load_trained(args.model, None, fast_encoder=args.fast_encoder, compile=args.compile)
+        base[0].to(args.device)
     results, logits = [], []
     for number, (name, path) in enumerate(tqdm(files, desc="predict", unit="image"), start=1):
         image = read_rgb(path)
-        if prompts is None:
-            with autocast:
-                found = automatic_masks(
-                    model,
-                    processor,
-                    image,
-                    args.device,
-                    args.points_per_side,
-                    args.min_score,
-                    args.min_stability,
-                    hq_token_only=args.hq_token_only,
-                )
-            ids: list[InstanceId] = list(range(len(found)))
-            labels = [1] * len(found)
-        else:
+        instances = None
+        if prompts is not None:
             instances = previous.attach(name, prompts[name]) if previous is not None else prompts[name]
+        image_id = image_ids.get(name, number)
+
+        def run(model, processor, instances=instances, image=image, name=name, image_id=image_id) -> tuple:
+            """This image's results entries and their low-res logits."""
             with autocast:
-                found = prompted_masks(model, processor, image, instances, args.device, args.hq_token_only)
-            ids = [instance.id for instance in instances]
+                if instances is None:
+                    tiles = None if tiling is None else [list(w.box) for w in tiling.grid(*image.shape[:2])]
+                    found = automatic_masks(model, processor, image, args.device, automatic, tiles, args.hq_token_only)
+                    return [coco_entry(m, image_id, name, k) for k, m in enumerate(found)], [m.logits for m in found]
+                if tiling is None:
+                    found = prompted_masks(model, processor, image, instances, args.device, args.hq_token_only)
+                else:
+                    tiled = tiled_masks(model, processor, image, instances, tiling, args.device, args.hq_token_only)
+                    found = [in_image(window, item, *image.shape[:2]) for window, item in tiled]
             labels = categories.get(name) or [1] * len(found)
-        for item, instance_id, category in zip(found, ids, labels):
-            results.append(coco_result(item, image_ids.get(name, number), name, instance_id, category))
-            logits.append(item.logits)
+            entries = [coco_result(f, image_id, name, i.id, c) for f, i, c in zip(found, instances, labels)]
+            return entries, [f.logits for f in found]
+
+        entries, found_logits = run(model, processor)
+        results += entries
+        logits += found_logits
         if args.overlays:
             target = args.overlays / f"{Path(name).with_suffix('')}.png"
             target.parent.mkdir(parents=True, exist_ok=True)
-            masks = np.stack([m.mask.numpy() for m in found]) if found else np.zeros((0, *image.shape[:2]), bool)
-            Image.fromarray(paint(image, masks)).save(target)
+            picture = overlay(image, entries, instances, names)
+            if base is not None:
+                picture = side_by_side(
+                    [overlay(image, run(*base)[0], instances, names), picture], ["base", "fine-tuned"]
+                )
+            Image.fromarray(picture).save(target)
     args.output.write_text(json.dumps(results))
     if args.save_logits:
         save_logits(logits_file(args.output), results, logits, model)

@@ -30,6 +30,11 @@ class Window:
     y1: int
 
     @property
+    def box(self) -> tuple[int, int, int, int]:
+        """[x0, y0, x1, y1] with x1, y1 exclusive."""
+        return self.x0, self.y0, self.x1, self.y1
+
+    @property
     def size(self) -> tuple[int, int]:
         """(height, width)."""
         return self.y1 - self.y0, self.x1 - self.x0

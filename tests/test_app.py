@@ -22,7 +22,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from scipy.ndimage import distance_transform_edt
 
-import samtune.predict as predict_module
+import samtune.image_encoding as image_encoding
 from samtune import cli
 from samtune.app import main as app_main
 from samtune.app import session as session_module
@@ -80,15 +80,15 @@ def _inside(mask: np.ndarray) -> tuple[int, int]:
 
 @pytest.fixture
 def encoder_calls(monkeypatch) -> list[int]:
-    """One entry per image-encoder run (samtune.predict's image_features, what encode_image calls)."""
+    """One entry per image-encoder run (samtune.image_encoding's image_features, what encode_image calls)."""
     calls: list[int] = []
-    real = predict_module.image_features
+    real = image_encoding.image_features
 
     def counted(model, pixel_values, *args, **kwargs):
         calls.append(int(pixel_values.shape[0]))
         return real(model, pixel_values, *args, **kwargs)
 
-    monkeypatch.setattr(predict_module, "image_features", counted)
+    monkeypatch.setattr(image_encoding, "image_features", counted)
     return calls
 
 
