@@ -259,26 +259,29 @@ def _crop_candidates(
             multimask_output=True,
             **options,
         )
-        logits = result.pred_masks[0].float().cpu().flatten(0, 1)  # (count * masks, h, w)
+        logits = result.pred_masks[0].float().flatten(0, 1)  # (count * masks, h, w), upscaled where they are
         scores = result.iou_scores[0].float().cpu().flatten()
         per_point = logits.shape[0] // count
         for index in torch.nonzero(scores > config.min_score).flatten().split(rows):
             upscaled = post_process_masks(
                 processor,
-                logits[index][None, :, None],
+                logits[index.to(logits.device)][None, :, None],
                 torch.tensor([work]),
                 encoded.inputs.get("reshaped_input_sizes"),
                 binarize=False,
             )[0][:, 0]
-            stability = stability_score(upscaled, config.stability_offset)
-            keep = (stability > config.min_stability) & (upscaled > 0).flatten(1).any(1)
+            stability = stability_score(upscaled, config.stability_offset).cpu()
+            keep = (stability > config.min_stability) & (upscaled > 0).flatten(1).any(1).cpu()
             if not keep.any():
                 continue
-            rles = _encode((upscaled[keep] > 0).numpy())
+            rles = _encode((upscaled[keep.to(upscaled.device)] > 0).cpu().numpy())
             for k, rle in zip(torch.nonzero(keep).flatten().tolist(), rles):
                 row = int(index[k])
                 x, y = grid[start + row // per_point]
-                found.append(_Candidate(float(scores[row]), float(stability[k]), rle, logits[row], (x, y)))
+                # a copy: a view would keep the whole batch's logits alive
+                found.append(
+                    _Candidate(float(scores[row]), float(stability[k]), rle, logits[row].cpu().clone(), (x, y))
+                )
         bar.update(1)
     return found, work
 
