@@ -81,13 +81,15 @@ def export(
     quantize: str | None = None,
     license: str | None = None,
     opset: int | None = None,
+    multimask: bool = False,
 ) -> Path:
     """Write ``source`` (an adapter or model folder) to ``out`` in format ``fmt``, with its model card."""
     source, out = Path(source), Path(out)
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: one of {', '.join(FORMATS)}")
-    if quantize and fmt != "onnx":
-        raise ExportError(f"--quantize {quantize}: only for --format onnx")
+    if (quantize or opset or multimask) and fmt != "onnx":
+        given = f"--quantize {quantize}" if quantize else f"--opset {opset}" if opset else "--multimask"
+        raise ExportError(f"{given}: only for --format onnx")
     if fmt == "adapter":
         if not is_adapter_folder(source):
             raise ExportError(f"--adapter {source}: --format adapter needs an adapter folder (adapter_config.json)")
@@ -110,7 +112,7 @@ def export(
     else:
         from samtune.export.onnx import export_onnx
 
-        files = export_onnx(model, processor, out, quantize=quantize, opset=opset)
+        files = export_onnx(model, processor, out, quantize=quantize, opset=opset, multimask=multimask)
     card = build_card(source, type(model).__name__, family.model_type, base=base, license=license, formats=files)
     card.save(out / "README.md")
     return out
@@ -131,13 +133,18 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--format", default="hf", choices=FORMATS, help="what to write (default: hf)")
     parser.add_argument("--quantize", choices=["int8"], help="onnx only: onnxruntime dynamic int8 quantisation")
     parser.add_argument("--opset", type=int, help="onnx only: the ONNX opset (default: samtune.export.onnx.OPSET)")
+    parser.add_argument(
+        "--multimask", action="store_true", help="onnx only: the decoder returns the 3 candidate masks, not 1"
+    )
     parser.add_argument("--license", help="the card's license (default: that of the family's published weights)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     args = parser.parse_args(argv)
     if args.private and not args.push_to_hub:
         raise ExportError("--private: only with --push-to-hub REPO_ID")
-    out = export(args.adapter, args.out, args.format, args.base, args.quantize, args.license, args.opset)
+    out = export(
+        args.adapter, args.out, args.format, args.base, args.quantize, args.license, args.opset, args.multimask
+    )
     print(f"exported {args.adapter} ({args.format}) to {out}")
     if args.push_to_hub:
         from samtune.export.hub import push_folder
