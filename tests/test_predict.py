@@ -6,6 +6,7 @@ import math
 import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+from safetensors import safe_open
 
 from samtune.predict import main as predict
 from samtune.predict import read_prompts
@@ -87,12 +88,22 @@ def test_automatic_masks_on_a_single_image(coco, tiny_sam_dir, tmp_path):
             "--min-score",
             "-10",
             "--min-stability",
-            "0",
+            "-1",
+            "--crop-layers",
+            "1",
             "--output",
             str(tmp_path / "auto.json"),
+            "--save-logits",
         ]
     )
     _check(results, {name.split("/")[-1]: sizes[name]})
+    assert [r["instance_id"] for r in results] == list(range(len(results)))
+    assert all(r["category_id"] == 1 and len(r["crop_box"]) == 4 and "stability_score" in r for r in results)
+    # logits only for the masks found on the whole image (those of a crop are not in the model's mask frame)
+    height, width = sizes[name]
+    whole = {r["instance_id"] for r in results if r["crop_box"] == [0, 0, width, height]}
+    with safe_open(str(tmp_path / "auto.logits.safetensors"), framework="pt") as saved:
+        assert {json.loads(key)[1] for key in saved.keys()} == whole  # noqa: SIM118
 
 
 def test_bad_prompt_files_are_refused(tmp_path):
