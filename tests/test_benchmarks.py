@@ -27,6 +27,7 @@ SCRIPTS = (
     "latency",
     "method_table",
     "param_counts",
+    "tiled_inference",
     "train_throughput",
 )
 VERSIONED = {"python", "torch", "transformers", "peft", "accelerate", "samtune"}
@@ -388,6 +389,20 @@ def test_decoder_prompts_quick(load, tmp_path):
         shares = [op["share"] for op in row["top_ops"]]
         assert len(shares) == 6 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
         assert any(op["op"].startswith("aten::") for op in row["top_ops"])
+
+
+def test_tiled_inference_quick(load, tmp_path):
+    """Thumbnail and tiled rows on one generated large image: every instance scored both ways, and at tiles the
+    demo base's own scale the small objects come out far better than from the thumbnail."""
+    out = tmp_path / "t.json"
+    rows = load("tiled_inference").main(["--quick", "--threads", "1", "--json", str(out)])
+    meta = check_report(out, rows, "tiled_inference")
+    assert (meta["side"], meta["images"], meta["objects"]) == (512, 1, 6)
+    thumbnail, tiled = rows
+    assert (thumbnail["inference"], tiled["inference"]) == ("thumbnail", "tile 128 / 64")
+    assert thumbnail["instances"] == tiled["instances"] == 6 and thumbnail["windows_per_image"] == 1
+    assert 1 < tiled["windows_per_image"] <= 6
+    assert tiled["mIoU"] > thumbnail["mIoU"] + 0.2
 
 
 def test_attention_tiles_quick(load, tmp_path):
