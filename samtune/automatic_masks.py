@@ -123,27 +123,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The automatic-mask flags (predict, evaluate --automatic), defaults SAM's."""
     default = AutomaticConfig()
     group = parser.add_argument_group("automatic masks (no prompts), SAM's defaults")
-    group.add_argument("--points-per-side", type=int, default=default.points_per_side, help="click grid per side")
-    group.add_argument("--points-per-batch", type=int, default=default.points_per_batch, help="clicks per decoder call")
     group.add_argument(
-        "--min-score", "--pred-iou-thresh", type=float, default=default.min_score, help="least predicted IoU"
+        "--points-per-side", type=int, default=default.points_per_side, help="click grid per side (%(default)s)"
+    )
+    group.add_argument(
+        "--points-per-batch", type=int, default=default.points_per_batch, help="clicks per decoder call (%(default)s)"
+    )
+    group.add_argument(
+        "--min-score",
+        "--pred-iou-thresh",
+        type=float,
+        default=default.min_score,
+        help="least predicted IoU (%(default)s)",
     )
     group.add_argument(
         "--min-stability",
         "--stability-score-thresh",
         type=float,
         default=default.min_stability,
-        help="least stability score (IoU of the mask at logit +1 and -1)",
+        help="least stability score (IoU of the mask at logit +1 and -1) (%(default)s)",
     )
     group.add_argument(
-        "--dedup-iou", type=float, default=default.dedup_iou, help="mask IoU above which the weaker mask is dropped"
+        "--dedup-iou",
+        type=float,
+        default=default.dedup_iou,
+        help="mask IoU above which the weaker mask is dropped (%(default)s)",
     )
     group.add_argument(
-        "--crop-layers", type=int, default=default.crop_layers, help="layers of overlapping crops (SAM's crop_n_layers)"
+        "--crop-layers",
+        type=int,
+        default=default.crop_layers,
+        help="layers of overlapping crops (SAM's crop_n_layers) (%(default)s)",
     )
-    group.add_argument("--crop-overlap", type=float, default=default.crop_overlap, help="crop overlap ratio")
     group.add_argument(
-        "--crop-points-downscale", type=int, default=default.crop_points_downscale, help="fewer points in deeper layers"
+        "--crop-overlap", type=float, default=default.crop_overlap, help="crop overlap ratio (%(default)s)"
+    )
+    group.add_argument(
+        "--crop-points-downscale",
+        type=int,
+        default=default.crop_points_downscale,
+        help="fewer points in deeper layers (%(default)s)",
     )
 
 

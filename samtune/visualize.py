@@ -56,13 +56,13 @@ def overlay_panel(
     logits: torch.Tensor,
     processor,
     points: np.ndarray | None = None,
-    boxes: bool = False,
+    boxes: bool = True,
     titles: tuple[str, str] | None = None,
 ) -> np.ndarray:
-    """(H, 2W + 4, 3) uint8 at the model's input scale: the image with its ground truth, then with the prediction
-    and ``points`` ((P, 3) x, y in the model's input frame, label), e.g. the clicks that led to it; masks filled
-    and outlined. ``boxes``: also the batch's box prompts on the prediction; ``titles``: a caption over each half
-    (the panel is then taller)."""
+    """(H, 2W + 4, 3) uint8 at the model's input scale: the image with its ground truth, then with the prediction,
+    its box prompts (``boxes``, when the batch has any) and ``points`` ((P, 3) x, y in the model's input frame,
+    label), e.g. the clicks that led to it; masks filled and outlined. ``titles``: a caption over each half (the
+    panel is then taller)."""
     height, width = (int(v) for v in batch["reshaped_input_sizes"][row])
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(3, 1, 1)
@@ -114,7 +114,7 @@ def line_width(shape: Sequence[int]) -> int:
 def draw_box(image: np.ndarray, box: Sequence[float], colour: Sequence[int], width: int = 1) -> np.ndarray:
     """A copy of ``image`` with the rectangle of ``box`` ([x0, y0, x1, y1], inclusive pixels) drawn."""
     canvas = Image.fromarray(image)
-    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, y0, x1, y1 = (int(round(float(v))) for v in box)  # the nearest pixels (PIL would truncate)
     ImageDraw.Draw(canvas).rectangle([x0, y0, max(x0, x1), max(y0, y1)], outline=tuple(colour), width=width)
     return np.asarray(canvas).copy()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from samtune.visualize import (
     colour_of,
@@ -73,3 +74,24 @@ def test_side_by_side_titles_each_panel():
     bar = out.shape[0] - 50
     assert (out[bar:, :30] == 0).all() and (out[bar:, 34:] == 9).all() and (out[:, 30:34] == 255).all()
     assert (out[:bar, :30] < 128).any() and (out[:bar, 34:] < 128).any()  # dark title text on white
+
+
+def test_overlay_panel_draws_box_prompts_and_titles(coco, processor):
+    """Training panels: ground truth | prediction, outlined, the box prompts on the prediction; titled on request."""
+    from samtune.config import DataConfig
+    from samtune.data.coco import CocoInstanceDataset
+    from samtune.data.dataset import SamPromptDataset, make_loader
+    from samtune.visualize import overlay_panel
+
+    dataset = SamPromptDataset(CocoInstanceDataset(*coco), processor, DataConfig(prompt="box"), train=False)
+    batch = next(b for b in make_loader(dataset, 1, shuffle=False) if b["valid"].any())
+    logits = torch.full((1, batch["valid"].shape[1], 32, 32), -10.0)  # an empty prediction: only the boxes show
+    height, width = (int(v) for v in batch["reshaped_input_sizes"][0])
+    plain = overlay_panel(batch, 0, logits, processor, boxes=False)
+    boxed = overlay_panel(batch, 0, logits, processor)
+    assert plain.shape == boxed.shape == (height, 2 * width + 4, 3)
+    x0, y0, x1, y1 = (int(round(float(v))) for v in batch["input_boxes"][0, 0])
+    assert tuple(boxed[y0, width + 4 + (x0 + x1) // 2]) == colour_of(0)
+    assert (boxed[:, :width] == plain[:, :width]).all()  # the ground truth half has no prompts drawn
+    titled = overlay_panel(batch, 0, logits, processor, titles=("truth", "prediction"))
+    assert titled.shape[1] == 2 * width + 4 and titled.shape[0] > height
