@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
@@ -402,10 +403,12 @@ def score_split(
     config: AutomaticConfig | None = None,
     precision: str = "fp32",
     hq_token_only: bool = False,
+    regions: Callable[[int, int], list[list[int]]] | None = None,
 ) -> tuple[dict, list[dict]]:
     """``evaluate --automatic``: automatic masks of every image of a COCO split scored against all its
     annotations, class-agnostic (COCO AP / AR, ``samtune.evaluation.coco_metrics``), with the masks per image and
-    the seconds per image (encoder and masks together); and the COCO results entries."""
+    the seconds per image (encoder and masks together); and the COCO results entries. ``regions(height, width)``:
+    the crop boxes of an image of that size (tiles, say) in place of the whole image and its crop layers."""
     autocast = inference.autocast(device, precision)
     model.to(device).eval()
     results: list[dict] = []
@@ -413,8 +416,9 @@ def score_split(
     for number in tqdm(range(len(source)), desc="eval (automatic)", unit="image", leave=False):
         sample = source.sample(number)
         start = time.perf_counter()
+        crops = None if regions is None else regions(*sample["image"].shape[:2])
         with autocast:
-            found = automatic_masks(model, processor, sample["image"], device, config, None, hq_token_only, False)
+            found = automatic_masks(model, processor, sample["image"], device, config, crops, hq_token_only, False)
         if torch.device(device).type == "cuda":
             torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)

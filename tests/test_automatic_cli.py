@@ -36,6 +36,28 @@ def test_evaluate_automatic(coco, tiny_sam_dir, tmp_path, capsys):
         evaluate([*args, "--automatic", "--clicks", "2"])
 
 
+def test_score_split_on_regions(coco, tiny_sam_dir):
+    """evaluate --automatic's scorer on caller regions (tiles of each image): every mask is found in one of them
+    and comes back at its image's size."""
+    from samtune.automatic_masks import AutomaticConfig, score_split
+    from samtune.data.coco import CocoInstanceDataset
+    from samtune.models.loading import load_trained
+
+    model, processor = load_trained(str(tiny_sam_dir), None)
+    source = CocoInstanceDataset(*coco)
+    config = AutomaticConfig(points_per_side=2, min_score=-100, min_stability=-1)
+
+    def halves(height: int, width: int) -> list[list[int]]:
+        return [[0, 0, width // 2 + 10, height], [width // 2 - 10, 0, width, height]]
+
+    tiled = score_split(model, processor, source, coco[0], config=config, regions=halves)[1]
+    assert tiled
+    sizes = {image.image_id: image.size for image in source.images}
+    for r in tiled:
+        height, width = sizes[r["image_id"]]
+        assert r["crop_box"] in halves(height, width) and r["segmentation"]["size"] == [height, width]
+
+
 def test_predict_overlays_draw_prompts_and_compare_with_the_base(coco, tiny_sam_dir, tmp_path):
     """predict --overlays: boxes drawn in their mask's colour; --compare-base: base | fine-tuned, titled."""
     from samtune.errors import UserError
