@@ -12,7 +12,9 @@ clock on a CPU), the first batch excluded as warm-up. ``--clicks K`` also follow
 (samtune.click_protocol): K correction clicks after the first prompt, the mIoU after each, NoC85 / NoC90.
 ``--automatic`` scores masks made without prompts (samtune.automatic_masks, SAM's defaults, the same flags as
 predict) against all annotations, class-agnostic: COCO AP / AP50 / AP75 at 1000 masks an image, AR10 / AR100 /
-AR1000; --output also gets the masks (*.automatic.json beside it).
+AR1000; --output also gets the masks (*.automatic.json beside it). ``--overlays DIR`` draws the first
+--overlay-count images: the ground truth beside each evaluated model's masks (zero-shot | fine-tuned with
+--compare-base or --baseline), outlined, with categories and IoUs.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from samtune.models.family import image_features
 from samtune.models.loading import load_trained
 from samtune.tiled_evaluation import evaluate_tiled
 from samtune.tiling import add_tile_arguments, tiling_of
+from samtune.visualize import evaluation_overlays
 
 
 class _TimedForward:
@@ -195,6 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--automatic", action="store_true", help="score masks made without prompts: class-agnostic COCO AP / AR"
     )
     add_automatic_arguments(parser)
+    parser.add_argument("--overlays", type=Path, help="PNGs: ground truth | each model's masks, per image")
+    parser.add_argument("--overlay-count", type=int, default=8, help="images drawn with --overlays (8)")
     args = parser.parse_args(argv)
     if args.automatic and args.clicks:
         raise UserError("--automatic with --clicks: automatic masks have no prompt to correct; drop one of the two")
@@ -203,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError("--clicks with --tile: the click protocol runs on whole images; drop one of the two")
     if args.clicks < 0:
         raise UserError(f"--clicks {args.clicks}: the number of correction clicks is at least 0 (0: off)")
+    if args.overlays and args.overlay_count < 1:
+        raise UserError(f"--overlay-count {args.overlay_count}: draw at least 1 image (or leave out --overlays)")
 
     if args.output and not args.output.resolve().parent.is_dir():  # found now, not after the work
         raise UserError(f"--output {args.output}: its folder {args.output.parent} does not exist")
@@ -212,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict:
         runs = {"zero-shot": (args.baseline, None), **runs}
     elif args.compare_base and args.adapter:
         runs = {"zero-shot": (args.model, None), **runs}
-    columns, results = {}, {}
+    columns, results, drawn = {}, {}, {}
     for name, (weights, adapter) in runs.items():
         model, processor = load_trained(
             weights,
@@ -238,6 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
                 path.write_text(json.dumps(found))
                 metrics["coco"]["results_file"] = str(path)
             columns[name] = results[name] = metrics
+            drawn[name] = found
             continue
         if tiling is not None:
             metrics, records = evaluate_tiled(
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
                 tiling,
                 args.prompt,
                 args.device,
-                args.coco,
+                args.coco or bool(args.overlays),
                 args.precision,
                 args.hq_token_only,
             )
@@ -261,7 +269,7 @@ def main(argv: list[str] | None = None) -> dict:
                 args.batch_size,
                 args.device,
                 args.num_workers,
-                args.coco,
+                args.coco or bool(args.overlays),  # the masks themselves, to draw
                 args.precision,
                 args.hq_token_only,
                 args.clicks,
@@ -282,11 +290,15 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics["coco"]["results_file"] = str(path)
         columns[name] = metrics
         results[name] = metrics
+        drawn[name] = records
     print(format_scores(columns) if args.automatic else format_table(columns))
     if args.clicks:
         print(format_clicks(columns))
     if not_scored := skipped_counts(source):
         print("not scored: " + "; ".join(f"{count} {why}" for why, count in not_scored.items()))
+    if args.overlays:
+        written = evaluation_overlays(args.overlays, source, drawn, args.overlay_count)
+        print(f"overlays of {len(written)} images -> {args.overlays}")
     out = results if len(results) > 1 else next(iter(results.values()))
     if args.output:
         args.output.write_text(json.dumps(out, indent=2))

@@ -1,18 +1,23 @@
 """Overlays people can read: masks filled and outlined, the prompts that made them (box, clicks), each mask's
 category and score written beside it, and panels side by side (ground truth | prediction in TensorBoard;
-base | fine-tuned from ``samtune predict --compare-base``)."""
+base | fine-tuned from ``samtune predict --compare-base``; ground truth | each model from ``samtune evaluate
+--overlays``)."""
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
+from pycocotools import mask as mask_utils
 from scipy import ndimage
 
 from samtune.data.batch import SamBatch
+from samtune.data.coco import CocoInstanceDataset
 
 PALETTE = np.array(
     [
@@ -159,10 +164,6 @@ def draw_masks(
         box = None if boxes is None else boxes[k]
         if box is not None:
             out = draw_box(out, box, colour_of(k), width)
-    if points is not None:
-        for clicks in points:
-            if clicks is not None and len(clicks):
-                out = draw_points(out, np.asarray(clicks), radius=max(3, 3 * width))
     size = max(10, round(max(image.shape[:2]) / 60))
     for k, text in enumerate(texts or []):
         if not text:
@@ -175,6 +176,10 @@ def draw_masks(
         else:
             continue
         out = write(out, corner, text, colour_of(k), size)
+    if points is not None:  # last: a label never hides a click
+        for clicks in points:
+            if clicks is not None and len(clicks):
+                out = draw_points(out, np.asarray(clicks), radius=max(3, 3 * width))
     return out
 
 
@@ -192,3 +197,49 @@ def side_by_side(panels: Sequence[np.ndarray], titles: Sequence[str], gap: int =
         columns.append(np.asarray(canvas))
         columns.append(np.full((height + bar, gap, 3), 255, np.uint8))
     return np.concatenate(columns[:-1], axis=1)
+
+
+def _decode(segmentation: dict) -> np.ndarray:
+    counts = segmentation["counts"]
+    rle = {"size": segmentation["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    return mask_utils.decode(rle).astype(bool)
+
+
+def evaluation_overlays(
+    folder: Path, source: CocoInstanceDataset, runs: dict[str, list[dict]], count: int = 8
+) -> list[Path]:
+    """``samtune evaluate --overlays``: for the first ``count`` images with masks, one PNG each (named as the
+    image): the ground truth (category names) beside each run's masks. ``runs``: per model, entries with
+    ``image_id``, ``segmentation`` (RLE) and ``score``; scored instances (``annotation_id``, ``iou``) are drawn
+    in their ground truth's colour with their IoU, prompt-free masks with their predicted IoU."""
+    per_image = {name: defaultdict(list) for name in runs}
+    for name, entries in runs.items():
+        for entry in entries:
+            per_image[name][entry["image_id"]].append(entry)
+    written: list[Path] = []
+    for index, image in enumerate(source.images):
+        if len(written) == count:
+            break
+        if not any(image.image_id in found for found in per_image.values()):
+            continue
+        sample = source.sample(index)
+        truth, ids = sample["masks"], [int(v) for v in sample["annotation_ids"]]
+        truth_texts = [source.categories.get(int(c), str(int(c))) for c in sample["category_ids"]]
+        panels, titles = [draw_masks(sample["image"], truth, texts=truth_texts)], ["ground truth"]
+        for name, found in per_image.items():
+            entries = found.get(image.image_id, [])
+            if entries and "annotation_id" in entries[0]:  # one mask per annotation: in that annotation's colour
+                masks, texts = np.zeros_like(truth, dtype=bool), [""] * len(ids)
+                for entry in entries:
+                    k = ids.index(entry["annotation_id"])
+                    masks[k], texts[k] = _decode(entry["segmentation"]), f"IoU {entry['iou']:.2f}"
+            else:
+                masks = np.stack([_decode(e["segmentation"]) for e in entries]) if entries else truth[:0]
+                texts = [f"{e['score']:.2f}" for e in entries]
+            panels.append(draw_masks(sample["image"], masks, texts=texts))
+            titles.append(name)
+        path = folder / f"{Path(image.file_name).with_suffix('')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(side_by_side(panels, titles)).save(path)
+        written.append(path)
+    return written

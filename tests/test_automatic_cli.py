@@ -83,3 +83,33 @@ def test_predict_overlays_draw_prompts_and_compare_with_the_base(coco, tiny_sam_
     assert both.shape[1] == 2 * image["width"] + 4 and both.shape[0] > image["height"]
     with pytest.raises(UserError, match="--compare-base .* needs --adapter and --overlays"):
         predict([*base, "--compare-base"])
+
+
+def test_evaluate_overlays_put_truth_beside_each_model(coco, tiny_sam_dir, tmp_path):
+    """evaluate --overlays with --compare-base: ground truth | zero-shot | fine-tuned, one PNG per drawn image,
+    the fine-tuned masks in their annotation's colour; --automatic draws its masks too."""
+    from samtune.data.coco import CocoInstanceDataset
+    from samtune.evaluate import main as evaluate
+
+    annotation_file, image_dir = coco
+    adapter_dir = tmp_path / "adapter"
+    get_peft_model(SamModel.from_pretrained(tiny_sam_dir), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        adapter_dir
+    )
+    args = ["--model", str(tiny_sam_dir), "--annotations", str(annotation_file), "--images", str(image_dir)]
+    evaluate([*args, "--adapter", str(adapter_dir), "--compare-base", "--overlays", str(tmp_path / "o"),
+              "--overlay-count", "2"])  # fmt: skip
+    source = CocoInstanceDataset(annotation_file, image_dir)
+    drawn = sorted((tmp_path / "o").rglob("*.png"))
+    assert len(drawn) == 2
+    first = next(image for image in source.images if image.instances)
+    picture = np.asarray(Image.open((tmp_path / "o" / first.file_name).with_suffix(".png")))
+    height, width = first.size
+    assert picture.shape[1] == 3 * width + 2 * 4 and picture.shape[0] > height  # three titled panels
+    truth_panel = picture[-height:, :width]
+    assert (truth_panel == colour_of(0)).all(axis=2).any()  # the first annotation's outline
+    evaluate([*args, "--automatic", "--points-per-side", "2", "--min-score", "-100", "--min-stability", "-1",
+              "--overlays", str(tmp_path / "a"), "--overlay-count", "1"])  # fmt: skip
+    assert len(list((tmp_path / "a").rglob("*.png"))) == 1
+    with pytest.raises(UserError, match="--overlay-count 0"):
+        evaluate([*args, "--overlays", str(tmp_path / "b"), "--overlay-count", "0"])
