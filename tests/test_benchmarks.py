@@ -26,6 +26,7 @@ SCRIPTS = (
     "decoder_prompts",
     "latency",
     "method_table",
+    "onnx_latency",
     "param_counts",
     "tiled_inference",
     "train_throughput",

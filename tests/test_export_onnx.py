@@ -129,14 +129,9 @@ def test_sam_int8_within_tolerance(lora_sam):
     assert "DynamicQuantizeLinear" in {node.op_type for node in graph.node}
 
 
-@pytest.mark.parametrize(
-    "model_type, multimask",
-    [
-        ("sam2", False),
-        pytest.param("sam_hq", True, marks=pytest.mark.slow),
-        pytest.param("sam3_tracker", False, marks=pytest.mark.slow),
-    ],
-)
+# one export of each other family (about 30 s each on 2 CPU cores): SAM's above keeps the default suite's share small
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type, multimask", [("sam2", False), ("sam_hq", True), ("sam3_tracker", False)])
 def test_other_families_onnx_equal_their_model(tmp_path, model_type, multimask):
     model = AutoModelForMaskGeneration.from_pretrained(save_tiny(tmp_path / "model", model_type)).eval()
     if model_type == "sam_hq":
@@ -151,3 +146,30 @@ def test_missing_extra_is_one_line(tiny_sam_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if samtune[onnx] were not installed
     with pytest.raises(UserError, match=r"pip install 'samtune\[onnx\]'"):
         export(tiny_sam_dir, tmp_path / "out", fmt="onnx")
+
+
+@pytest.mark.slow  # one more ONNX export (about 30 s)
+def test_onnx_latency_benchmark_quick(tmp_path, monkeypatch):
+    """benchmarks/onnx_latency.py --quick: the shared report, ratios that agree with the timings, fp32 within 1e-4
+    of PyTorch and int8 within the tolerance above."""
+    from test_benchmarks import BENCHMARKS, check_report
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_onnx_latency", BENCHMARKS / "onnx_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    threads = torch.get_num_threads()
+    try:
+        rows = module.main(["--quick", "--threads", "1", "--json", str(tmp_path / "o.json")])
+    finally:
+        torch.set_num_threads(threads)
+    check_report(tmp_path / "o.json", rows, "onnx_latency", device="cpu")
+    by_row = {row["row"]: row for row in rows}
+    assert set(by_row) == {"pytorch", "pytorch-fast", "onnx-fp32", "onnx-int8"}
+    fp32, int8 = by_row["onnx-fp32"], by_row["onnx-int8"]
+    assert fp32["mask_logit_max_abs_error"] < 1e-4 and fp32["mask_iou_vs_pytorch"] == 1.0
+    assert 1e-4 < int8["mask_logit_max_abs_error"] < INT8_LOGIT_ERROR and int8["mask_iou_vs_pytorch"] > INT8_MASK_IOU
+    pytorch = by_row["pytorch"]["encoder_median_ms"]
+    assert fp32["encoder_vs_pytorch"] == pytest.approx(pytorch / fp32["encoder_median_ms"])
