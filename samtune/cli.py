@@ -3,7 +3,7 @@
     samtune train [--config FILE] [--section.key value ...]     fine-tune (no arguments: the offline demo)
     samtune evaluate --model M [--adapter A] --annotations F --images D
     samtune predict --model M --images D [--prompts P]
-    samtune export --adapter RUN/best --out DIR
+    samtune export --adapter RUN/best --out DIR [--format hf|segment-anything|onnx|adapter] [--push-to-hub ID]
     samtune convert CHECKPOINT.pth OUT_DIR
     samtune demo prepare | pretrain
     samtune app [--model M [--adapter A] [--compare-base]] [--annotations F] [--images D]
@@ -28,7 +28,7 @@ COMMANDS = {
     "train": ("samtune.train", "fine-tune a SAM model on COCO data (no arguments: the built-in demo)"),
     "evaluate": ("samtune.evaluate", "score weights on a COCO split: mIoU / mF1 per instance, COCO AP, latency"),
     "predict": ("samtune.predict", "masks for new images from boxes / points, or automatic, as COCO results"),
-    "export": ("samtune.export", "merge a run's adapter into a plain model folder with a model card"),
+    "export": ("samtune.export", "a run's weights as a model folder, original .pth or ONNX, with a card; to the Hub"),
     "convert": ("samtune.models.original_checkpoints", "an original SAM / SAM-HQ .pth or SAM 2 .pt to a folder"),
     "demo": ("samtune.demo.pretrain", "generate the demo's data, or pretrain its base"),
     "app": ("samtune.app.main", "a local page: click to segment, base and fine-tuned side by side (default: demo)"),
