@@ -126,6 +126,7 @@ def test_hub_base_is_named_and_local_bases_are_not(run, tmp_path):
     assert card.data.base_model == "facebook/sam-vit-base"
     assert hub_id("facebook/sam-vit-base") == "facebook/sam-vit-base" and hub_id(str(run)) is None
     assert hub_id("/models/sam_vit_b.pth") is None and hub_id("./sam") is None
+    assert hub_id("checkpoints/medsam_vit_b.pth") is None  # a relative path to a file not here is no Hub id
     assert build_card(copy / "final", "Sam3TrackerModel", "sam3_tracker").data.license_name == "sam-license"
     assert build_card(copy / "final", "SamModel", "sam", license="mit").data.license == "mit"
 
@@ -189,3 +190,13 @@ def test_bad_options_are_one_line(run, tmp_path, capsys):
         assert code == 2 and says in capsys.readouterr().err
     with pytest.raises(UserError, match="neither a PEFT adapter folder"):
         export(tmp_path, tmp_path / "o2")
+
+
+def test_module_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "samtune.export", "--adapter", str(tmp_path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "neither a PEFT adapter" in result.stderr

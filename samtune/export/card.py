@@ -24,12 +24,15 @@ FAMILY_LICENSES = {
     "sam2": ("apache-2.0", None),
     "sam3_tracker": ("other", "sam-license"),
 }
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
 
 def hub_id(name: str | None) -> str | None:
     """``name`` when it reads as a Hub id ("org/model") and is no file or folder here; else None."""
     if not name or Path(name).expanduser().exists() or not _HUB_ID.fullmatch(name):
+        return None
+    if name.lower().endswith(_CHECKPOINT_SUFFIXES):  # an original checkpoint file that is not here
         return None
     return name
 

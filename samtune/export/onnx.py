@@ -17,7 +17,8 @@ Exported with ``torch.onnx.export(dynamo=True)`` (the torch.export-based exporte
 ``--quantize int8`` adds ``image_encoder.int8.onnx`` through ``onnxruntime.quantization.quantize_dynamic`` (int8
 weights per channel, activations quantised on the fly). Only the encoder: it is nearly all of the compute, while
 the decoder is cheap and, quantised, loses far more (on the tiny test models its mask logits moved by up to 0.7
-against 0.09 for the encoder; benchmarks/onnx_latency.py measures both on real sizes). ``onnx`` and ``onnxruntime`` are the ``samtune[onnx]`` extra.
+against 0.09 for the encoder; benchmarks/onnx_latency.py measures the encoder on real sizes).
+``onnx``, ``onnxruntime`` and ``onnxscript`` are the ``samtune[onnx]`` extra.
 """
 
 from __future__ import annotations
