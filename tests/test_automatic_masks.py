@@ -253,11 +253,3 @@ def test_class_agnostic_coco_metrics(coco, tmp_path):
     assert set(agnostic) == {"AP", "AP50", "AP75", "AR10", "AR100", "AR1000"}
     assert agnostic["AP"] == pytest.approx(1.0) and agnostic["AR1000"] == pytest.approx(1.0)
     assert coco_metrics(annotation_file, results)["AP"] <= 0  # category 999 matches nothing
-
-
-def test_benchmark_quick(tmp_path):
-    rows = _benchmark().main(["--quick", "--sizes", "120x160", "--json", str(tmp_path / "b.json")])
-    report = json.loads((tmp_path / "b.json").read_text())
-    assert report["rows"] == rows and rows[0]["size"] == "120x160"
-    assert rows[0]["previous_median_ms"] > 0 and rows[0]["new_median_ms"] > 0
-    assert {"matched_new", "matched_previous", "masks_new", "masks_previous", "speedup"} <= set(rows[0])

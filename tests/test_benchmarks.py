@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = (
     "attention_tiles",
+    "automatic_masks",
     "cached_epochs",
     "click_curves",
     "data_loading",
@@ -404,6 +405,19 @@ def test_tiled_inference_quick(load, tmp_path):
     assert thumbnail["instances"] == tiled["instances"] == 6 and thumbnail["windows_per_image"] == 1
     assert 1 < tiled["windows_per_image"] <= 6
     assert tiled["mIoU"] > thumbnail["mIoU"] + 0.2
+
+
+def test_automatic_masks_quick(load, tmp_path):
+    """The previous and the new automatic masks on one photo, side by side: both timed, the speed-up their ratio,
+    and every new mask's best match among the previous ones counted."""
+    out = tmp_path / "m.json"
+    rows = load("automatic_masks").main(["--quick", "--threads", "1", "--sizes", "120x160", "--json", str(out)])
+    meta = check_report(out, rows, "automatic_masks")
+    assert meta["points_per_side"] == 8 and [row["size"] for row in rows] == ["120x160"]
+    row = rows[0]
+    assert row["speedup"] == pytest.approx(row["previous_median_ms"] / row["new_median_ms"])
+    assert row["masks_new"] > 0 and row["masks_previous"] > 0
+    assert 0 <= row["matched_new"] <= 1 and 0 <= row["mean_best_iou_new"] <= 1
 
 
 def test_attention_tiles_quick(load, tmp_path):
