@@ -81,7 +81,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for row in rows:
         print(
             f"| {row['inference']} | {100 * row['mIoU']:.1f} | {100 * row['mF1']:.1f} | {row['windows_per_image']:.0f} "
-            f"| {row['encoder_median_ms']:.0f} | {row['decoder_median_ms']:.0f} | {row['wall_per_image_ms'] / 1000:.1f} |"
+            f"| {row['encoder_median_ms']:.0f} | {row['decoder_median_ms']:.0f} "
+            f"| {row['wall_per_image_ms'] / 1000:.1f} |"
         )
     common.report(args, rows, model=args.model, side=args.side, images=args.images, objects=args.objects)
     return rows

@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                 config_from(args).check(),
                 args.precision,
                 args.hq_token_only,
+                regions=None if tiling is None else tiling.regions,
             )
             metrics.update(model=weights, adapter=adapter, annotations=str(args.annotations), prompt="automatic")
             if args.output:

@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             """This image's results entries and their low-res logits."""
             with autocast:
                 if instances is None:
-                    tiles = None if tiling is None else [list(w.box) for w in tiling.grid(*image.shape[:2])]
+                    tiles = None if tiling is None else tiling.regions(*image.shape[:2])
                     found = automatic_masks(model, processor, image, args.device, automatic, tiles, args.hq_token_only)
                     return [coco_entry(m, image_id, name, k) for k, m in enumerate(found)], [m.logits for m in found]
                 if tiling is None:

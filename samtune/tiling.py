@@ -107,6 +107,12 @@ class Tiling:
         """(tiles, 4) inclusive x0, y0, x1, y1 of the grid's tiles."""
         return np.array([(t.x0, t.y0, t.x1 - 1, t.y1 - 1) for t in self.grid(height, width)], dtype=np.float64)
 
+    def regions(self, height: int, width: int) -> list[list[int]]:
+        """Automatic masks' crop boxes ([x0, y0, x1, y1], ends exclusive): the whole image (objects larger than the
+        overlap, which every tile cuts) and every tile (small objects at full detail; their masks win)."""
+        tiles = [list(tile.box) for tile in self.grid(height, width)]
+        return tiles if len(tiles) == 1 else [[0, 0, width, height], *tiles]
+
     def window_for(self, extent: tuple[float, float, float, float], height: int, width: int) -> Window:
         """The window a prompt spanning ``extent`` (inclusive x0, y0, x1, y1: its box, or its points' hull) is
         decoded in: the tile holding it with the widest margin, else a window around it with context."""

@@ -59,6 +59,14 @@ def test_a_box_larger_than_a_tile_gets_its_own_window_with_context():
     assert window.x0 >= 0 and window.x1 <= 300 and window.y0 >= 0 and window.y1 <= 100
 
 
+def test_automatic_regions_are_the_whole_image_then_the_tiles():
+    tiling = Tiling(64, 16)
+    regions = tiling.regions(100, 150)
+    assert regions[0] == [0, 0, 150, 100]  # objects larger than the overlap: whole there
+    assert regions[1:] == [list(tile.box) for tile in tiling.grid(100, 150)] and len(regions) == 7
+    assert tiling.regions(50, 60) == [[0, 0, 60, 50]]  # one tile: the image, once
+
+
 def test_bad_tilings_are_one_clear_error():
     with pytest.raises(UserError, match="--overlap 64: must be at least 0 and less than the tile size 64"):
         Tiling(64, 64)
