@@ -14,7 +14,10 @@ rate; arguments after ``--`` go to every run (default budget here: ``--train.epo
 
 The JSON report is every benchmark's (benchmarks/common.py): one row per preset with the mean and sample
 standard deviation over the seeds of test mIoU and mF1 and of the median epoch time (``epoch_mean_ms``: the
-median over a run's epochs, so the epochs that hold a validation do not count), runs under ``runs``.
+median over a run's epochs, so the epochs that hold a validation do not count), runs under ``runs``. The runs
+follow one another, so their epoch times also follow the machine's load; ``loader_pass_median_ms`` (and p90) is
+what augmentation costs measured side by side: passes over the same training loader in this process, the presets
+taking turns (``--loader-rounds``).
 This is an experiment over seeds, not a timing: the statistic is mean +- std.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import common
@@ -32,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 AUGMENTS = ("none", "light", "strong")
 BUDGET = ["--train.epochs", "25", "--train.eval_every", "25", "--train.log_images", "0"]
 TRAIN_SEED = 7101  # the small training split's own generator seed (the demo's 240-image split uses 7001)
-QUICK = {"augments": ["none", "strong"], "seeds": [0], "images": 6, "output": ROOT / "runs" / "augment-table-quick"}
+QUICK = {"augments": ["none", "strong"], "seeds": [0], "images": 6, "loader_rounds": 1,
+         "output": ROOT / "runs" / "augment-table-quick"}  # fmt: skip
 
 
 def small_split(output: Path, images: int, quick: bool) -> list[str]:
@@ -55,8 +60,35 @@ def small_split(output: Path, images: int, quick: bool) -> list[str]:
     return extra + BUDGET
 
 
-def summarise(runs: list[dict]) -> list[dict]:
-    """One row per preset, in the order the runs came: mean and sample std over its seeds."""
+def loader_passes(train: list[str], augments: list[str], rounds: int) -> dict[str, list[float]]:
+    """Seconds of one pass over the training loader (no workers, this process's threads) per preset, the presets
+    taking turns round after round so that the machine's load falls on all alike: what augmentation costs."""
+    from transformers import AutoProcessor
+
+    from samtune.config import DataConfig
+    from samtune.data.coco import CocoInstanceDataset
+    from samtune.data.dataset import SamPromptDataset, make_loader
+    from samtune.demo.assets import BASE_DIR
+
+    options = dict(zip(train[::2], train[1::2]))
+    source = CocoInstanceDataset(options["--data.train_annotations"], options["--data.train_images"])
+    processor = AutoProcessor.from_pretrained(BASE_DIR)  # the SAM demo base
+    seconds: dict[str, list[float]] = {augment: [] for augment in augments}
+    for epoch in range(rounds + 1):  # the first round warms up
+        for augment in augments:
+            dataset = SamPromptDataset(source, processor, DataConfig(augment=augment, max_instances=8), seed=epoch)
+            dataset.set_epoch(epoch)
+            started = time.perf_counter()
+            for _ in make_loader(dataset, batch_size=4, num_workers=0):
+                pass
+            if epoch:
+                seconds[augment].append(time.perf_counter() - started)
+    return seconds
+
+
+def summarise(runs: list[dict], loader: dict[str, list[float]] | None = None) -> list[dict]:
+    """One row per preset, in the order the runs came: mean and sample std over its seeds; with ``loader``, the
+    median and p90 of its loader passes (``loader_pass_median_ms``)."""
     rows = []
     for augment in dict.fromkeys(run["augment"] for run in runs):
         mine = [run for run in runs if run["augment"] == augment]
@@ -67,18 +99,25 @@ def summarise(runs: list[dict]) -> list[dict]:
             row[f"{key}_mean{'_ms' if name.endswith('_ms') else ''}"] = mean
             row[f"{key}_std{'_ms' if name.endswith('_ms') else ''}"] = std
         row["dropped_instances"] = sum(run["dropped_instances"] for run in mine)
+        passes = loader.get(augment) if loader else None
+        if passes:
+            row.update(common.timing("loader_pass", passes))
         row["runs"] = mine
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| data.augment | test mIoU % | test mF1 % | time per epoch (s) | seeds |", "|---|---|---|---|---|"]
+    lines = [
+        "| data.augment | test mIoU % | test mF1 % | time per epoch (s) | loader pass, side by side (s) | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in rows:
+        loader = f"{row['loader_pass_median_ms'] / 1000:.2f}" if "loader_pass_median_ms" in row else ""
         lines.append(
             f"| {row['augment']} | {100 * row['test_mIoU_mean']:.1f} +- {100 * row['test_mIoU_std']:.1f} "
             f"| {100 * row['test_mF1_mean']:.1f} +- {100 * row['test_mF1_std']:.1f} "
-            f"| {row['epoch_mean_ms'] / 1000:.2f} +- {row['epoch_std_ms'] / 1000:.2f} | {row['seeds']} |"
+            f"| {row['epoch_mean_ms'] / 1000:.2f} +- {row['epoch_std_ms'] / 1000:.2f} | {loader} | {row['seeds']} |"
         )
     return "\n".join(lines)
 
@@ -91,6 +130,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--method", default="dora", choices=[m for m in method_table.METHODS if m != "none"])
     parser.add_argument("--output", type=Path, default=ROOT / "runs" / "augment-table", help="one folder per run")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument(
+        "--loader-rounds", type=int, default=5, help="side-by-side passes over the training loader per preset (0: none)"
+    )
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []  # passed to every train.py run, last (they win)
     args = common.parse(parser, argv[: argv.index("--")] if "--" in argv else argv, quick=QUICK)
@@ -111,7 +153,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )
             runs.append(run)
             print(json.dumps(run), flush=True)
-    rows = summarise(runs)
+    train = extra[extra.index("--data.train_annotations") : extra.index("--data.train_annotations") + 4]
+    loader = loader_passes(train, args.augments, args.loader_rounds) if args.loader_rounds else None
+    rows = summarise(runs, loader)
     table = markdown(rows)
     print(table)
     args.json = args.json or args.output / "table.json"

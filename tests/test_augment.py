@@ -240,7 +240,7 @@ def test_resume_with_strong_augmentation_continues_exactly(coco, train_tiny, tmp
     assert summary["dropped_instances"] > 0  # the crops and transforms were really on
 
 
-def test_augment_table_quick(tmp_path, monkeypatch):
+def test_augment_table_quick(coco, tmp_path, monkeypatch):
     """The benchmark's logic on fake runs: one row per preset, mean and std over seeds, the median epoch."""
     import importlib.util
 
@@ -250,7 +250,8 @@ def test_augment_table_quick(tmp_path, monkeypatch):
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
     threads = torch.get_num_threads()
-    monkeypatch.setattr(table, "small_split", lambda output, images, quick: ["--data.train_annotations", "x"])
+    train = ["--data.train_annotations", str(coco[0]), "--data.train_images", str(coco[1])]
+    monkeypatch.setattr(table, "small_split", lambda output, images, quick: train)
     launched = []
 
     def launch(command, env):
@@ -280,7 +281,12 @@ def test_augment_table_quick(tmp_path, monkeypatch):
     assert strong["dropped_instances"] == 8 and none["dropped_instances"] == 0
     report = json.loads(out.read_text())
     assert report["meta"]["images"] == 6 and len(report["rows"]) == 2
-    assert md.read_text().splitlines()[3].startswith("| strong | 41.0 +- 1.4 | 51.0 +- 1.4 | 2.00 +- 0.00 | 2 |")
+    line = md.read_text().splitlines()[3]
+    assert line.startswith("| strong | 41.0 +- 1.4 | 51.0 +- 1.4 | 2.00 +- 0.00 | ") and line.endswith(" | 2 |")
+    # the side-by-side loader passes (one round under --quick), really run on the training split
+    for row in rows:
+        assert 0 < row["loader_pass_median_ms"] == row["loader_pass_p90_ms"]
+        assert f"| {row['loader_pass_median_ms'] / 1000:.2f} |" in md.read_text()
 
 
 def test_a_run_resumes_only_with_its_own_augmentation(tmp_path):
