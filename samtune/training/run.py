@@ -34,6 +34,7 @@ from samtune.data.dataset import Split
 from samtune.data.geometry import normalize_on_device
 from samtune.data.prompts import keep_prompt_kind
 from samtune.evaluation import aggregate, predicted_masks, sam_forward, score_loader
+from samtune.export.card import write_run_cards
 from samtune.interactive import Rounds, training_rounds
 from samtune.losses import InstanceLoss, batch_loss
 from samtune.models.family import family_of, image_features
@@ -506,6 +507,7 @@ class TrainingRun:
             results.update(self.final_scores())
             if self.accelerator.is_main_process:
                 (self.out / "results.json").write_text(json.dumps(self.summary(results), indent=2))
+                write_run_cards(self.out)  # samtune's card in best/ and final/, in place of PEFT's template
                 logger.info("done\n%s", report.closing_table(self.state, results, self.out))
         self.accelerator.end_training()
         return results
