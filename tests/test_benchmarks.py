@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = (
     "attention_tiles",
+    "augment_table",
     "automatic_masks",
     "cached_epochs",
     "click_curves",

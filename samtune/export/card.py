@@ -16,14 +16,9 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-ADAPTER_METHODS = ("lora", "dora", "qlora", "qdora")
-# The license of each family's published weights (what a fine-tune inherits unless --license says otherwise).
-FAMILY_LICENSES = {
-    "sam": ("apache-2.0", None),
-    "sam_hq": ("apache-2.0", None),
-    "sam2": ("apache-2.0", None),
-    "sam3_tracker": ("other", "sam-license"),
-}
+from samtune.config import ADAPTER_METHODS
+from samtune.models.family import FAMILIES
+
 _CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 
@@ -128,8 +123,9 @@ def build_card(
     record = RunRecord.read(run, weights)
     base = base or record.base
     base_id = hub_id(base)
-    family_license, license_name = FAMILY_LICENSES.get(model_type, (None, None))
-    license = license or family_license
+    family = FAMILIES.get(model_type)
+    license_name = family.license_name if family else None
+    license = license or (family.license if family else None)
     name = weights.resolve().name if weights.resolve().name not in ("best", "final") else (run or weights).name
     tags = ["segment-anything", "samtune", model_type, record.method] + (["peft", "lora"] if adapter else [])
     eval_results = _eval_results(record, name, weights.name)

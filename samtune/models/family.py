@@ -36,6 +36,9 @@ class Family:
     hq: bool = False  # SAM-HQ's HQ token and feature fusion
     fast_encoder: bool = False  # samtune's fast SAM ViT encoder applies
     gradient_checkpointing: bool = False  # transformers supports it for this model class
+    # The published weights' license (a Hub card's license / license_name): what a fine-tune inherits
+    license: str = "apache-2.0"
+    license_name: str | None = None  # for license "other"
 
     @property
     def multi_level(self) -> bool:
@@ -74,6 +77,8 @@ FAMILIES = {
             encoder_mlp=r"mlp\.(fc1|fc2)",
             encoder_qkv=r"attention\.(q_proj|k_proj|v_proj)",  # unfused: the three PEFT-SAM's fused qkv holds
             object_score=True,
+            license="other",
+            license_name="sam-license",
         ),
     )
 }
