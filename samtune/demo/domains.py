@@ -252,6 +252,20 @@ def render(spec: DomainSpec, index: int) -> tuple[np.ndarray, list[tuple[int, np
     return np.clip(image, 0, 255).astype(np.uint8), objects
 
 
+def coco_annotation(annotation_id: int, image_id: int, category_id: int, mask: np.ndarray, crowd: bool = False) -> dict:
+    """A COCO annotation of a boolean (H, W) mask: compressed RLE, its area and box."""
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")},
+        "area": float(mask_utils.area(rle)),
+        "bbox": [float(v) for v in mask_utils.toBbox(rle)],
+        "iscrowd": int(crowd),
+    }
+
+
 def make_domain_coco(root: str | Path, spec: DomainSpec) -> tuple[Path, Path]:
     """Write a split as COCO (RLE masks) under ``root``; return (annotation file, image folder)."""
     if spec.domain not in ("source", "target"):
@@ -267,18 +281,7 @@ def make_domain_coco(root: str | Path, spec: DomainSpec) -> tuple[Path, Path]:
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "width": spec.size, "height": spec.size})
         for category_id, mask in objects:
-            rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "segmentation": {"size": [spec.size, spec.size], "counts": rle["counts"].decode("ascii")},
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append(coco_annotation(len(annotations) + 1, image_id, category_id, mask))
     categories = SOURCE_CATEGORIES if spec.domain == "source" else TARGET_CATEGORIES
     dataset = {
         "info": {"description": f"samtune demo {spec.domain} domain", "seed": spec.seed, "size": spec.size},

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
-from samtune.demo.domains import SHAPES, SOURCE_CATEGORIES, SOURCE_IDS
+from samtune.demo.domains import SHAPES, SOURCE_CATEGORIES, SOURCE_IDS, coco_annotation
 
 CELL = 64  # each object is drawn in a CELL x CELL canvas, then placed
 
@@ -81,21 +80,10 @@ def make_large_coco(root: str | Path, spec: LargeSpec | None = None) -> tuple[Pa
         image_id = index + 1
         images.append({"id": image_id, "file_name": file_name, "width": spec.side, "height": spec.side})
         for number, (category_id, (top, left), cell) in enumerate(objects):
-            mask = np.zeros((spec.side, spec.side), dtype=np.uint8)
+            mask = np.zeros((spec.side, spec.side), dtype=bool)
             mask[top : top + CELL, left : left + CELL] = cell
-            rle = mask_utils.encode(np.asfortranarray(mask))
             crowd = bool(spec.crowd_every) and index % spec.crowd_every == 0 and number == 0
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": image_id,
-                    "category_id": category_id,
-                    "segmentation": {"size": [spec.side, spec.side], "counts": rle["counts"].decode("ascii")},
-                    "area": float(mask_utils.area(rle)),
-                    "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                    "iscrowd": int(crowd),
-                }
-            )
+            annotations.append(coco_annotation(len(annotations) + 1, image_id, category_id, mask, crowd))
     dataset = {
         "info": {"description": "samtune large images with small objects", "seed": spec.seed, "side": spec.side},
         "images": images,
