@@ -23,8 +23,12 @@ against 0.09 for the encoder; benchmarks/onnx_latency.py measures the encoder on
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import logging
+import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -184,24 +188,46 @@ def export_onnx(
 def _export(module, args, path, input_names, output_names, dynamic, opset) -> None:
     # forward(*inputs): one varargs parameter, so the per-input specs are one tuple inside the outer one
     dynamic_shapes = (tuple(dynamic.get(name) for name in input_names),)
-    program = torch.onnx.export(
-        module,
-        args,
-        dynamo=True,
-        input_names=list(input_names),
-        output_names=list(output_names) or None,
-        dynamic_shapes=dynamic_shapes if dynamic else None,
-        opset_version=opset,
-        external_data=False,
-        verbose=False,
-    )
+    with _exporter_quiet():
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=list(input_names),
+            output_names=list(output_names) or None,
+            dynamic_shapes=dynamic_shapes if dynamic else None,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
     program.save(str(path))
+
+
+@contextlib.contextmanager
+def _exporter_quiet():
+    """The exporter's notes about itself (torchvision ops it skips, deprecations inside torch, dynamic axes it
+    merged): nothing a user can act on, so not shown; errors still raise."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*treespec.*LeafSpec", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def quantize_int8(source: Path, target: Path) -> None:
     """onnxruntime's dynamic quantisation: int8 weights (per output channel), activations quantised per call."""
     quantization = _require("onnxruntime.quantization")
-    quantization.quantize_dynamic(str(source), str(target), weight_type=quantization.QuantType.QInt8, per_channel=True)
+    with tempfile.TemporaryDirectory() as scratch:  # onnxruntime's recommended pre-processing (shape inference)
+        prepared = Path(scratch) / source.name
+        quantization.quant_pre_process(str(source), str(prepared))
+        quantization.quantize_dynamic(
+            str(prepared), str(target), weight_type=quantization.QuantType.QInt8, per_channel=True
+        )
 
 
 def session(path: str | Path, threads: int | None = None):
