@@ -125,6 +125,14 @@ def test_presets_and_explicit_keys():
     mine = settings_of(DataConfig(augment="light", augment_hflip=0.0, augment_vflip=0.5, augment_scale=[0.9, 1.1]))
     assert (mine.hflip, mine.vflip, mine.scale, mine.color) == (0.0, 0.5, (0.9, 1.1), light.color)
     assert "data.crop_size 64" in varies_images(DataConfig(crop_size=64))
+    # what the run's banner says training sees
+    from samtune.training.report import training_view
+
+    assert training_view(load_config(overrides={"data.prompt": "mixed"})) == "mixed prompts"
+    strong = load_config(overrides={"data.augment": "strong", "data.crop_size": 512})
+    assert training_view(strong) == "box prompts, augment strong, 512 px crops"
+    own = load_config(overrides={"data.augment": "light", "data.augment_vflip": 0.5})
+    assert training_view(own) == "box prompts, augment light + data.augment_* keys"
     with pytest.raises(ConfigError, match="data.augment_scale"):
         load_config(overrides={"data.augment_scale": "1.5,0.5"})
     with pytest.raises(ConfigError, match="data.augment_color"):

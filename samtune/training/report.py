@@ -12,6 +12,7 @@ from accelerate import Accelerator
 
 from samtune.checkpointing import TrainerState
 from samtune.config import ADAPTER_METHODS, Config
+from samtune.data.augment import PRESETS, settings_of
 
 
 def banner(
@@ -31,8 +32,7 @@ def banner(
             f"model      {config.model.name_or_path} ({family})",
             f"method     {method}",
             f"trainable  {report['all']['trainable']:,} of {report['all']['total']:,} parameters",
-            f"data       {train_images} training images ({config.data.prompt} prompts), "
-            f"{val_samples} validation samples",
+            f"data       {train_images} training images ({training_view(config)}), {val_samples} validation samples",
             f"devices    {accelerator.num_processes} x {accelerator.device.type}, "
             f"precision {accelerator.mixed_precision}",
             f"steps      {steps} ({config.train.batch_size} images x {config.train.grad_accum} accumulation x "
@@ -40,6 +40,18 @@ def banner(
             f"output     {config.output_dir}",
         ]
     )
+
+
+def training_view(config: Config) -> str:
+    """How training sees its images: the prompts, and the augmentation and crops when there are any."""
+    parts = [f"{config.data.prompt} prompts"]
+    settings = settings_of(config.data)
+    if settings.active:
+        own = "" if settings == PRESETS[config.data.augment] else " + data.augment_* keys"
+        parts.append(f"augment {config.data.augment}{own}")
+    if config.data.crop_size:
+        parts.append(f"{config.data.crop_size} px crops")
+    return ", ".join(parts)
 
 
 def peak_memory_gib(device: torch.device) -> float:
