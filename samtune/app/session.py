@@ -26,7 +26,7 @@ from samtune.errors import UserError
 from samtune.evaluation import instance_iou_f1
 from samtune.models.family import base_of
 from samtune.predict import Encoded, Found, Instance, coco_result, decode_prompts, encode_image
-from samtune.visualize import PALETTE, draw_points, paint
+from samtune.visualize import PALETTE, draw_box, draw_points, outline, paint
 
 if TYPE_CHECKING:
     from samtune.data.coco import CocoInstanceDataset
@@ -290,10 +290,11 @@ class Session:
         masks = np.stack([obj.last.found[panel].mask.numpy() for obj in objects]) if objects else None
         out = paint(self.image, masks) if masks is not None else self.image.copy()
         if truth and self.truth is not None and len(self.truth.masks):
-            out[_outline(self.truth.masks.any(axis=0))] = (255, 255, 255)
+            out[outline(self.truth.masks.any(axis=0))] = (255, 255, 255)
         step = self.current.last
         if step and step.box:
-            _draw_box(out, step.box, PALETTE[(len(self.objects) - 1) % len(PALETTE)])
+            colour = PALETTE[(len(self.objects) - 1) % len(PALETTE)]
+            out = draw_box(out, step.box, [int(c) for c in colour])
         if step and step.points:
             radius = max(3, round(max(out.shape[:2]) / 64))
             rows = np.array([[x, y, label] for (x, y), label in zip(step.points, step.labels)])
@@ -321,25 +322,6 @@ class Session:
             coco_result(obj.last.found[panel], image_id, source.name, number, 1)
             for number, obj in enumerate(self.finished())
         ]
-
-
-def _outline(mask: np.ndarray) -> np.ndarray:
-    """The pixels of ``mask`` with a neighbour outside it."""
-    inner = mask.copy()
-    inner[1:] &= mask[:-1]
-    inner[:-1] &= mask[1:]
-    inner[:, 1:] &= mask[:, :-1]
-    inner[:, :-1] &= mask[:, 1:]
-    return mask & ~inner
-
-
-def _draw_box(out: np.ndarray, box: list[float], colour: np.ndarray) -> None:
-    height, width = out.shape[:2]
-    x0, y0, x1, y1 = (int(round(v)) for v in box)
-    x0, x1 = max(0, min(x0, width - 1)), max(0, min(x1, width - 1))
-    y0, y1 = max(0, min(y0, height - 1)), max(0, min(y1, height - 1))
-    out[y0, x0 : x1 + 1] = out[y1, x0 : x1 + 1] = colour
-    out[y0 : y1 + 1, x0] = out[y0 : y1 + 1, x1] = colour
 
 
 def png(pixels: np.ndarray) -> bytes:
