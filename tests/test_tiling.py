@@ -201,3 +201,19 @@ def test_predict_tiled_writes_whole_image_masks_inside_each_prompt_s_window(tiny
     assert sum(any((m & t).sum() / (m | t).sum() > 0.5 for m in seen) for t in truth) < len(truth)
     with pytest.raises(UserError, match="--tile with --previous or --save-logits"):
         predict_main([*common, "--prompts", str(prompts), "--save-logits", "--output", str(tmp_path / "b.json")])
+
+
+def test_tiles_on_a_square_input_family(coco, tmp_path):
+    """SAM 2 resizes every window to its square input (no padding): a tile holding the image scores as untiled,
+    and smaller tiles score every instance."""
+    from samtune.testing.tiny import save_tiny
+
+    model = save_tiny(tmp_path / "sam2", "sam2", seed=1)
+    plain = _evaluate(model, *coco)
+    whole = _evaluate(model, *coco, "--tile", "512")
+    tiled = _evaluate(model, *coco, "--tile", "64", "--overlap", "16")
+    assert whole["mIoU"] == pytest.approx(plain["mIoU"], abs=1e-6) and whole["mF1"] == pytest.approx(
+        plain["mF1"], abs=1e-6
+    )
+    assert tiled["num_instances"] == plain["num_instances"] > 0
+    assert tiled["latency"]["tiling"]["windows_per_image"]["p90"] > 1
